@@ -164,6 +164,10 @@ create table if not exists generations (
     check ((status = 'processing') = (lease_expires_at is not null))
 );
 
+-- the worker's claim id: a claim retried after an unknown outcome returns the
+-- rows that claim already took instead of taking a second batch
+alter table generations add column if not exists claim_id uuid;
+
 create index if not exists generations_user_id_created_at_idx on generations (user_id, created_at desc, id desc);
 create index if not exists generations_quality_idx on generations (quality);
 -- the table is the worker's queue: oldest pending first
@@ -171,6 +175,9 @@ create index if not exists generations_pending_idx on generations (created_at) w
 -- the lease reaper scans only processing rows by lease end
 create index if not exists generations_processing_lease_idx
     on generations (lease_expires_at) where status = 'processing';
+-- a repeated claim finds its own rows
+create index if not exists generations_processing_claim_idx
+    on generations (claim_id) where status = 'processing';
 
 -- --------------------------------------------------------------- usage_logs
 
