@@ -2,6 +2,7 @@
 
 dreamlens init-db            create or upgrade the schema; print what was applied
 dreamlens migrate --status   list every migration and whether it is applied
+dreamlens audit              check the ledger invariants for every user; exit 1 on any violation
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import sys
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from database import DreamLensError, init_database, migration_status
+from database import DreamLensError, init_database, migration_status, pool
+from repositories.audit import count_users, find_violations
 
 Command = Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -35,6 +37,23 @@ async def migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+async def run_audit() -> int:
+    """Print every ledger violation; 0 when the books balance, 1 otherwise."""
+    violations = await find_violations()
+    checked = await count_users()
+    for violation in violations:
+        print(f"{violation.user_id}  {violation.problem}: {violation.detail}")
+    if violations:
+        print(f"audit failed: {len(violations)} violations; {checked} users checked")
+        return 1
+    print(f"audit clean: {checked} users checked")
+    return 0
+
+
+async def audit(_: argparse.Namespace) -> int:
+    return await run_audit()
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="dreamlens", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -44,7 +63,16 @@ def parser() -> argparse.ArgumentParser:
     migrate_parser = commands.add_parser("migrate", help="apply pending migrations")
     migrate_parser.add_argument("--status", action="store_true", help="only list migrations")
     migrate_parser.set_defaults(run=migrate)
+    commands.add_parser("audit", help="check the ledger invariants for every user").set_defaults(run=audit)
     return root
+
+
+async def _then_close_pool(command: Coroutine[Any, Any, int]) -> int:
+    # the pool belongs to this asyncio.run's loop: close it before the loop goes
+    try:
+        return await command
+    finally:
+        await pool.close_pool()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     run: Command = args.run
     try:
-        return asyncio.run(run(args))
+        return asyncio.run(_then_close_pool(run(args)))
     except DreamLensError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1

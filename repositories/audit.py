@@ -1,0 +1,87 @@
+"""The ledger audit: the money invariants, checked for every user at once.
+
+For every user: a wallet exists; the ledger's amounts add up to the balance;
+balance = total_earned - total_spent; every ledger row's balance_after is the
+running sum of amounts in id order; no balance, now or in the history, below
+zero. `dreamlens audit` prints what this finds.
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+from pydantic import BaseModel
+
+from database import Executor, sql
+
+
+class Violation(BaseModel):
+    user_id: UUID
+    problem: str
+    detail: str
+
+
+FIND_VIOLATIONS = """
+-- name: find_ledger_violations
+-- Set-based: one pass over the ledger (a window function gives each row's
+-- running sum in id order), folded to one row per user, then every check is a
+-- row of a lateral VALUES list so each failed check reads as one violation.
+-- One statement, so every check sees the same snapshot.
+with running as (
+    select user_id, id, amount, balance_after,
+           sum(amount) over (partition by user_id order by id) as running_sum
+      from token_transactions
+),
+ledger as (
+    select user_id,
+           sum(amount) as total,
+           min(running_sum) as lowest,
+           count(*) filter (where balance_after <> running_sum) as out_of_step,
+           (array_agg(format('id %s has balance_after %s, running sum %s', id, balance_after, running_sum)
+                      order by id)
+                filter (where balance_after <> running_sum))[1] as first_out_of_step
+      from running
+     group by user_id
+)
+select u.id as user_id, c.problem, c.detail
+  from users u
+  left join user_tokens t on t.user_id = u.id
+  left join ledger l on l.user_id = u.id
+ cross join lateral (values
+       ('missing_wallet',
+        t.user_id is null,
+        'no user_tokens row'),
+       ('ledger_sum',
+        t.balance <> coalesce(l.total, 0),
+        format('balance %s, ledger sum %s', t.balance, coalesce(l.total, 0))),
+       ('totals',
+        t.balance <> t.total_earned - t.total_spent,
+        format('balance %s, total_earned %s - total_spent %s = %s',
+               t.balance, t.total_earned, t.total_spent, t.total_earned - t.total_spent)),
+       ('balance_after',
+        l.out_of_step > 0,
+        format('%s ledger rows out of step; first: %s', l.out_of_step, l.first_out_of_step)),
+       ('negative_balance',
+        t.balance < 0 or l.lowest < 0,
+        format('balance %s, lowest running balance %s', t.balance, l.lowest))
+       ) as c (problem, failed, detail)
+ where c.failed
+ order by u.id, c.problem
+"""
+
+
+async def find_violations(db: Executor = sql) -> list[Violation]:
+    """Every broken invariant, by user; empty when the books balance."""
+    rows = await db.fetch(FIND_VIOLATIONS)
+    return [Violation.model_validate(dict(row)) for row in rows]
+
+
+COUNT_USERS = """
+-- name: count_users
+select count(*) from users
+"""
+
+
+async def count_users(db: Executor = sql) -> int:
+    count: int = await db.fetchval(COUNT_USERS)
+    return count

@@ -1,0 +1,378 @@
+"""repositories/users.py: get-or-create, the anonymous signup limit, device linking."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from uuid import UUID
+
+import asyncpg
+import pytest
+
+from database import (
+    Conflict,
+    DeviceLinked,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+    stats,
+    transaction,
+)
+from repositories import tokens, users
+from tests import db
+from tests.repositories import wide_pool
+
+LIMIT = 5
+
+
+@pytest.fixture
+async def many_connections() -> AsyncIterator[None]:
+    async with wide_pool(30):
+        yield
+
+
+async def signups(admin: asyncpg.Connection, ip: str | None = None) -> int:
+    count: int = await admin.fetchval(
+        "select count(*) from usage_logs where action = 'signup' and source_ip is not distinct from $1::inet",
+        ip,
+    )
+    return count
+
+
+async def add_generation(admin: asyncpg.Connection, user_id: UUID, key: str | None) -> UUID:
+    generation_id: UUID = await admin.fetchval(
+        "insert into generations (user_id, prompt, quality, cost, idempotency_key)"
+        " values ($1, 'a cat in a hat', 'standard', 1, $2) returning id",
+        user_id,
+        key,
+    )
+    return generation_id
+
+
+async def add_payment(admin: asyncpg.Connection, user_id: UUID, key: str | None) -> UUID:
+    payment_id: UUID = await admin.fetchval(
+        "insert into payments (user_id, package_id, amount, currency, tokens, idempotency_key)"
+        " values ($1, 'tokens_50', 9900, 'RUB', 50, $2) returning id",
+        user_id,
+        key,
+    )
+    return payment_id
+
+
+# ------------------------------------------------------------ Clerk users
+
+
+async def test_new_clerk_user_is_created_with_the_welcome_bonus(admin: asyncpg.Connection) -> None:
+    user = await users.get_or_create_clerk_user("user_2new", "new@example.com")
+    assert user.created
+    assert (user.clerk_id, user.device_id, user.email, user.linked_to_user_id) == (
+        "user_2new",
+        None,
+        "new@example.com",
+        None,
+    )
+    assert await db.balance(admin, user.id) == 10
+    assert [r["type"] for r in await db.ledger(admin, user.id)] == ["bonus"]
+
+
+async def test_existing_clerk_user_costs_one_round_trip_and_no_write(admin: asyncpg.Connection) -> None:
+    first = await users.get_or_create_clerk_user("user_2old", "old@example.com")
+    row_version = await admin.fetchval("select xmin::text from users where id = $1", first.id)
+    with stats.collect() as counted:
+        again = await users.get_or_create_clerk_user("user_2old", "changed@example.com")
+    assert (counted.statements, counted.round_trips) == (1, 1)
+    assert not again.created
+    assert again.model_dump() == first.model_dump() | {"created": False}
+    assert await admin.fetchval("select xmin::text from users where id = $1", first.id) == row_version
+    assert await admin.fetchval("select count(*) from token_transactions") == 1
+
+
+async def test_thirty_concurrent_first_sights_make_one_user_and_one_bonus(
+    admin: asyncpg.Connection, many_connections: None
+) -> None:
+    found = await asyncio.gather(*(users.get_or_create_clerk_user("user_2race") for _ in range(30)))
+    assert len({user.id for user in found}) == 1
+    assert sum(user.created for user in found) == 1
+    assert await admin.fetchval("select count(*) from users") == 1
+    (user_id,) = {user.id for user in found}
+    assert await db.balance(admin, user_id) == 10
+    assert len(await db.ledger(admin, user_id)) == 1
+    assert await db.audit_problems(admin) == []
+
+
+async def test_empty_clerk_id_is_refused() -> None:
+    with pytest.raises(InvalidRequest):
+        await users.get_or_create_clerk_user("")
+
+
+async def test_get_user(admin: asyncpg.Connection) -> None:
+    user_id = await db.insert_user(admin, clerk_id="user_get")
+    user = await users.get_user(user_id)
+    assert (user.id, user.clerk_id, user.created) == (user_id, "user_get", False)
+    with pytest.raises(NotFound):
+        await users.get_user(uuid.uuid4())
+
+
+# ----------------------------------------------------------- device users
+
+
+async def test_new_device_user_gets_five_tokens_and_a_signup_row(admin: asyncpg.Connection) -> None:
+    user = await users.get_or_create_device_user("device-new-0001", "203.0.113.7", LIMIT)
+    assert user.created
+    assert (user.device_id, user.clerk_id) == ("device-new-0001", None)
+    assert await db.balance(admin, user.id) == 5
+    row = await admin.fetchrow(
+        "select user_id, host(source_ip) as source_ip from usage_logs where action = 'signup'"
+    )
+    assert row is not None
+    assert (row["user_id"], row["source_ip"]) == (user.id, "203.0.113.7")
+    assert await admin.fetchval("select host(signup_ip) from users where id = $1", user.id) == "203.0.113.7"
+
+
+async def test_existing_device_costs_one_round_trip(admin: asyncpg.Connection) -> None:
+    first = await users.get_or_create_device_user("device-old-0001", "203.0.113.7", LIMIT)
+    with stats.collect() as counted:
+        again = await users.get_or_create_device_user("device-old-0001", "203.0.113.7", LIMIT)
+    assert (counted.statements, counted.round_trips) == (1, 1)
+    assert (again.id, again.created) == (first.id, False)
+    assert await signups(admin, "203.0.113.7") == 1
+
+
+async def test_local_call_without_ip_has_no_limit(admin: asyncpg.Connection) -> None:
+    made = [await users.get_or_create_device_user(f"device-local-{n:04}", None, 1) for n in range(3)]
+    assert all(user.created for user in made)
+    assert await signups(admin, None) == 3
+
+
+async def test_malformed_device_id_is_refused(admin: asyncpg.Connection) -> None:
+    with pytest.raises(InvalidRequest):
+        await users.get_or_create_device_user("bad id!", "203.0.113.7", LIMIT)
+    assert await admin.fetchval("select count(*) from users") == 0
+    assert await signups(admin, "203.0.113.7") == 0
+
+
+async def test_malformed_ip_is_refused() -> None:
+    with pytest.raises(InvalidRequest):
+        await users.get_or_create_device_user("device-ip-0001", "not-an-ip", LIMIT)
+
+
+async def test_fifty_concurrent_new_devices_from_one_ip_make_exactly_the_limit(
+    admin: asyncpg.Connection, many_connections: None
+) -> None:
+    ip = "198.51.100.23"
+    results = await asyncio.gather(
+        *(users.get_or_create_device_user(f"device-flood-{n:04}", ip, LIMIT) for n in range(50)),
+        return_exceptions=True,
+    )
+    made = [r for r in results if isinstance(r, users.User)]
+    refused = [r for r in results if isinstance(r, RateLimited)]
+    assert len(made) == LIMIT
+    assert len(refused) == 50 - LIMIT
+    # the window started with these signups: an hour until the oldest leaves it
+    assert all(3500 < r.retry_after <= 3600 for r in refused)
+    assert await admin.fetchval("select count(*) from users") == LIMIT
+    assert await signups(admin, ip) == LIMIT
+
+    other = await users.get_or_create_device_user("device-elsewhere-1", "198.51.100.24", LIMIT)
+    assert other.created
+    # devices already made from the limited address still resolve
+    for user in made:
+        assert (await users.get_or_create_device_user(user.device_id or "", ip, LIMIT)).id == user.id
+    assert await db.audit_problems(admin) == []
+
+
+async def test_signups_older_than_an_hour_leave_the_window(admin: asyncpg.Connection) -> None:
+    ip = "198.51.100.30"
+    old = await db.insert_user(admin, device_id="device-old-signup")
+    await admin.execute(
+        "insert into usage_logs (user_id, action, source_ip, created_at)"
+        " values ($1, 'signup', $2::inet, now() - interval '61 minutes'),"
+        "        ($1, 'signup', $2::inet, now() - interval '50 minutes')",
+        old,
+        ip,
+    )
+    assert (await users.get_or_create_device_user("device-window-1", ip, 2)).created
+    with pytest.raises(RateLimited) as raised:
+        await users.get_or_create_device_user("device-window-2", ip, 2)
+    # the 50-minute-old signup is the oldest counted: it leaves in 10 minutes
+    assert 540 < raised.value.retry_after <= 600
+
+
+async def test_retry_after_never_exceeds_the_window(admin: asyncpg.Connection) -> None:
+    """Regression: the window was measured from now(), the start of the refused
+    transaction, which may come before the signup it counts (the transaction
+    begins, then waits for the IP lock): retry_after came out as 3601."""
+    ip = "198.51.100.40"
+    async with transaction() as tx:
+        await tx.fetchval("select now()")  # this transaction has begun
+        assert (await users.get_or_create_device_user("device-early-0001", ip, 1)).created
+        with pytest.raises(RateLimited) as raised:
+            await users.get_or_create_device_user("device-early-0002", ip, 1, db=tx)
+    assert raised.value.retry_after <= 3600
+
+
+async def test_ip_with_a_mask_counts_as_the_address(admin: asyncpg.Connection) -> None:
+    """API Gateway's sample events carry the source IP as "a.b.c.d/32"."""
+    await users.get_or_create_device_user("device-mask-0001", "192.0.2.9/32", 1)
+    with pytest.raises(RateLimited):
+        await users.get_or_create_device_user("device-mask-0002", "192.0.2.9", 1)
+    assert await signups(admin, "192.0.2.9") == 1
+
+
+async def test_device_signup_in_a_callers_transaction(admin: asyncpg.Connection) -> None:
+    async with transaction() as tx:
+        user = await users.get_or_create_device_user("device-in-tx-01", "192.0.2.10", LIMIT, db=tx)
+        assert user.created
+    assert await db.balance(admin, user.id) == 5
+
+
+# ---------------------------------------------------------------- linking
+
+
+async def test_link_moves_the_balance_and_reowns_generations_and_payments(admin: asyncpg.Connection) -> None:
+    account = await users.get_or_create_clerk_user("user_link")
+    device = await users.get_or_create_device_user("device-link-0001", "192.0.2.1", LIMIT)
+    await tokens.credit(device.id, 50, "purchase", "payment:p0")
+    await tokens.spend(device.id, 1, "generation:g0")
+    generation = await add_generation(admin, device.id, "same-key")
+    payment = await add_payment(admin, device.id, "same-key")
+    # the account already used the same client keys: re-owning must not collide
+    await add_generation(admin, account.id, "same-key")
+    await add_payment(admin, account.id, "same-key")
+
+    result = await users.link_device(account.id, "device-link-0001")
+
+    assert result.moved_tokens == 54
+    assert result.user.id == account.id
+    assert await db.balance(admin, device.id) == 0
+    assert await db.balance(admin, account.id) == 64
+    device_rows = await db.ledger(admin, device.id)
+    account_rows = await db.ledger(admin, account.id)
+    key = f"link:{device.id}"
+    assert [(r["amount"], r["balance_after"], r["type"], r["idempotency_key"]) for r in device_rows[-1:]] == [
+        (-54, 0, "transfer_out", key)
+    ]
+    assert [
+        (r["amount"], r["balance_after"], r["type"], r["idempotency_key"]) for r in account_rows[-1:]
+    ] == [(54, 64, "transfer_in", key)]
+    assert (device_rows[-1]["reference"], account_rows[-1]["reference"]) == (str(account.id), str(device.id))
+    for table, row_id in (("generations", generation), ("payments", payment)):
+        row = await admin.fetchrow(f"select user_id, idempotency_key from {table} where id = $1", row_id)
+        assert row is not None
+        assert (row["user_id"], row["idempotency_key"]) == (account.id, None)
+    linked = await admin.fetchrow(
+        "select linked_to_user_id, linked_at, linked_tokens from users where id = $1", device.id
+    )
+    assert linked is not None
+    assert (linked["linked_to_user_id"], linked["linked_tokens"]) == (account.id, 54)
+    assert linked["linked_at"] is not None
+    assert await db.audit_problems(admin) == []
+
+
+async def test_linked_device_can_no_longer_act_alone(admin: asyncpg.Connection) -> None:
+    account = await users.get_or_create_clerk_user("user_link_alone")
+    await users.get_or_create_device_user("device-alone-0001", "192.0.2.1", LIMIT)
+    await users.link_device(account.id, "device-alone-0001")
+    with pytest.raises(DeviceLinked):
+        await users.get_or_create_device_user("device-alone-0001", "192.0.2.1", LIMIT)
+    with pytest.raises(DeviceLinked):
+        await users.get_or_create_device_user("device-alone-0001", None, LIMIT)
+
+
+async def test_linking_again_is_a_no_op_reporting_the_first_move(admin: asyncpg.Connection) -> None:
+    account = await users.get_or_create_clerk_user("user_link_twice")
+    device = await users.get_or_create_device_user("device-twice-0001", None, LIMIT)
+    first = await users.link_device(account.id, "device-twice-0001")
+    ledger_before = await admin.fetchval("select count(*) from token_transactions")
+    again = await users.link_device(account.id, "device-twice-0001")
+    assert first.moved_tokens == again.moved_tokens == 5
+    assert again.user == first.user
+    assert await admin.fetchval("select count(*) from token_transactions") == ledger_before
+    assert await db.balance(admin, account.id) == 15
+    assert await db.balance(admin, device.id) == 0
+    assert await db.audit_problems(admin) == []
+
+
+async def test_a_later_device_keeps_its_welcome_bonus(admin: asyncpg.Connection) -> None:
+    account = await users.get_or_create_clerk_user("user_link_many")
+    await users.get_or_create_device_user("device-first-0001", None, LIMIT)
+    second = await users.get_or_create_device_user("device-second-001", None, LIMIT)
+    await tokens.credit(second.id, 20, "purchase", "payment:p2")
+    third = await users.get_or_create_device_user("device-third-0001", None, LIMIT)
+    await tokens.spend(third.id, 2, "generation:g3")
+
+    assert (await users.link_device(account.id, "device-first-0001")).moved_tokens == 5
+    assert (await users.link_device(account.id, "device-second-001")).moved_tokens == 20
+    assert await db.balance(admin, second.id) == 5
+
+    # 3 tokens left: all of them stay, nothing moves, no ledger rows
+    rows_before = await admin.fetchval("select count(*) from token_transactions")
+    assert (await users.link_device(account.id, "device-third-0001")).moved_tokens == 0
+    assert await admin.fetchval("select count(*) from token_transactions") == rows_before
+    assert await db.balance(admin, third.id) == 3
+    assert await admin.fetchval("select linked_tokens from users where id = $1", third.id) == 0
+    assert (await users.link_device(account.id, "device-third-0001")).moved_tokens == 0
+    assert await db.balance(admin, account.id) == 10 + 5 + 20
+    assert await db.audit_problems(admin) == []
+
+
+async def test_concurrent_double_link_moves_once(admin: asyncpg.Connection, many_connections: None) -> None:
+    account = await users.get_or_create_clerk_user("user_link_race")
+    device = await users.get_or_create_device_user("device-race-0001", None, LIMIT)
+    await tokens.credit(device.id, 7, "purchase", "payment:p1")
+    results = await asyncio.gather(*(users.link_device(account.id, "device-race-0001") for _ in range(10)))
+    assert {r.moved_tokens for r in results} == {12}
+    assert await db.balance(admin, account.id) == 22
+    assert await db.balance(admin, device.id) == 0
+    assert await admin.fetchval("select count(*) from token_transactions where type = 'transfer_in'") == 1
+    assert await db.audit_problems(admin) == []
+
+
+async def test_two_devices_linked_at_once_share_one_bonus(
+    admin: asyncpg.Connection, many_connections: None
+) -> None:
+    """Whichever link commits second sees the first and leaves its bonus behind."""
+    account = await users.get_or_create_clerk_user("user_link_pair")
+    for n in range(2):
+        await users.get_or_create_device_user(f"device-pair-{n:04}", None, LIMIT)
+    results = await asyncio.gather(*(users.link_device(account.id, f"device-pair-{n:04}") for n in range(2)))
+    assert sorted(r.moved_tokens for r in results) == [0, 5]
+    assert await db.balance(admin, account.id) == 15
+    assert await db.audit_problems(admin) == []
+
+
+async def test_device_linked_elsewhere_is_a_conflict(admin: asyncpg.Connection) -> None:
+    first = await users.get_or_create_clerk_user("user_link_first")
+    second = await users.get_or_create_clerk_user("user_link_second")
+    await users.get_or_create_device_user("device-taken-0001", None, LIMIT)
+    await users.link_device(first.id, "device-taken-0001")
+    with pytest.raises(Conflict):
+        await users.link_device(second.id, "device-taken-0001")
+    assert await db.balance(admin, second.id) == 10
+    assert await db.audit_problems(admin) == []
+
+
+async def test_link_refuses_unknown_and_wrong_parties(admin: asyncpg.Connection) -> None:
+    account = await users.get_or_create_clerk_user("user_link_bad")
+    device = await users.get_or_create_device_user("device-bad-00001", None, LIMIT)
+    with pytest.raises(NotFound):
+        await users.link_device(account.id, "device-nobody-01")
+    with pytest.raises(NotFound):
+        await users.link_device(uuid.uuid4(), "device-bad-00001")
+    # a device account is not a Clerk account to link into
+    other_device = await users.get_or_create_device_user("device-bad-00002", None, LIMIT)
+    with pytest.raises(InvalidRequest):
+        await users.link_device(other_device.id, "device-bad-00001")
+    assert await db.balance(admin, device.id) == 5
+    assert await admin.fetchval("select count(*) from users where linked_to_user_id is not null") == 0
+
+
+async def test_link_invalidates_both_cached_balances(admin: asyncpg.Connection) -> None:
+    account = await users.get_or_create_clerk_user("user_link_cache")
+    device = await users.get_or_create_device_user("device-cache-0001", None, LIMIT)
+    assert (await tokens.get_cached_balance(account.id)).balance == 10
+    assert (await tokens.get_cached_balance(device.id)).balance == 5
+    await users.link_device(account.id, "device-cache-0001")
+    assert (await tokens.get_cached_balance(account.id)).balance == 15
+    assert (await tokens.get_cached_balance(device.id)).balance == 0
