@@ -385,9 +385,12 @@ finished as (
 ),
 refund as (
     update user_tokens w
-       set balance     = w.balance + f.cost,
-           total_spent = w.total_spent - f.cost,
-           updated_at  = now()
+       set balance      = w.balance + f.cost,
+           -- a generation moved in by link_device was spent on the device's
+           -- wallet: what this wallet never spent comes back as earned
+           total_spent  = greatest(w.total_spent - f.cost, 0),
+           total_earned = w.total_earned + greatest(f.cost - w.total_spent, 0),
+           updated_at   = now()
       from finished f
      where w.user_id = f.user_id
        and f.status = 'failed'
@@ -505,9 +508,12 @@ refunds as (
 ),
 wallets as (
     update user_tokens w
-       set balance     = w.balance + r.total,
-           total_spent = w.total_spent - r.total,
-           updated_at  = now()
+       set balance      = w.balance + r.total,
+           -- as in record_result: refunds of generations spent elsewhere
+           -- (moved in by link_device) count as earned
+           total_spent  = greatest(w.total_spent - r.total, 0),
+           total_earned = w.total_earned + greatest(r.total - w.total_spent, 0),
+           updated_at   = now()
       from (select user_id, sum(cost) as total from refunds group by user_id) r
      where w.user_id = r.user_id
  returning w.user_id, w.balance

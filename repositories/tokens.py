@@ -151,11 +151,17 @@ wallet as (
 ),
 moved as (
     -- the update rule: spend and refund move total_spent, every other type
-    -- total_earned, so balance = total_earned - total_spent always
+    -- total_earned, so balance = total_earned - total_spent always; a refund
+    -- larger than this wallet ever spent (the spend was on a device wallet
+    -- since linked in) counts the excess as earned
     update user_tokens t
        set balance      = t.balance + $2,
-           total_earned = t.total_earned + case when $3 in ('spend', 'refund') then 0 else $2 end,
-           total_spent  = t.total_spent - case when $3 in ('spend', 'refund') then $2 else 0 end,
+           total_earned = t.total_earned + case when $3 = 'spend' then 0
+                                                when $3 = 'refund' then greatest($2 - t.total_spent, 0)
+                                                else $2 end,
+           total_spent  = t.total_spent - case when $3 = 'spend' then $2
+                                               when $3 = 'refund' then least($2, t.total_spent)
+                                               else 0 end,
            updated_at   = now()
       from wallet w
      where t.user_id = w.user_id
