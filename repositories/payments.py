@@ -372,10 +372,7 @@ async def attach_provider_payment(
         if row["provider_payment_id"] == provider_payment_id:
             return _payment(row)
         if row["provider_payment_id"] is not None:
-            raise Conflict(
-                f"Payment {payment_id} already has provider payment {row['provider_payment_id']}",
-                constraint="payments_provider_payment_id",
-            )
+            raise Conflict(f"Payment {payment_id} already has provider payment {row['provider_payment_id']}")
         # a concurrent attach committed after this statement's snapshot: look again
     raise Conflict(f"Payment {payment_id} is being attached concurrently")
 
