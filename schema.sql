@@ -227,6 +227,20 @@ create index if not exists payments_package_id_idx on payments (package_id);
 create index if not exists payments_open_created_at_idx
     on payments (created_at) where status in ('pending', 'waiting_for_capture');
 
+-- Every provider refund applied to a payment, so each applies exactly once
+-- even when it can take no tokens back (an empty wallet leaves no ledger
+-- row to carry the key), and finance can see what each refund took.
+create table if not exists payment_refunds (
+    provider_refund_id text primary key,
+    payment_id         uuid not null references payments (id),
+    amount             bigint not null check (amount > 0),             -- minor units
+    tokens_taken       integer not null check (tokens_taken >= 0),
+    tokens_short       integer not null check (tokens_short >= 0),     -- already spent
+    created_at         timestamptz not null default now()
+);
+
+create index if not exists payment_refunds_payment_id_idx on payment_refunds (payment_id);
+
 -- --------------------------------------------------------- the welcome bonus
 
 -- Every new user gets a wallet and the welcome bonus with its ledger row, in

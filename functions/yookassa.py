@@ -1,0 +1,498 @@
+"""YooKassa (API v3): an async client, notification parsing, and the check
+that a notification came from YooKassa's published networks.
+
+Imported only by the payments functions: httpx is paid for at import.
+
+What the provider's documentation says, and what this module does about it:
+
+* Authentication is HTTP Basic: the shop id and the secret key.
+* Every POST carries an `Idempotence-Key`; repeating a request with the same
+  key and the same data returns the first result instead of doing it again.
+  A payment's create call uses a key derived from our payment id, so however
+  often it is retried (by us or by the client repeating its request) there
+  is one provider payment per payment.
+* HTTP 500 (and 202, "still processing") means the outcome is unknown: repeat
+  with the same key, or GET the object. 4xx means the request failed and
+  repeating it unchanged will fail again. So we retry GETs and keyed POSTs on
+  connection faults, timeouts, 5xx and 202, at most 3 attempts with backoff
+  and none that could end past a 27 s budget (API Gateway stops waiting at
+  29 s), never a 4xx; 429 (too many requests) is the provider's capacity,
+  reported as unavailable, not as the caller's bad request.
+* Notifications are `{"type": "notification", "event": "<object>.<status>",
+  "object": {...}}`. They carry no signature: the webhook checks the source
+  IP against the published networks and re-reads the status from the API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from functools import lru_cache
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel
+
+from database import ConfigurationError, InvalidRequest, ProviderUnavailable
+from repositories.payments import Payment
+
+log = logging.getLogger(__name__)
+
+API_URL = "https://api.yookassa.ru/v3"
+CONNECT_TIMEOUT = 3.0
+READ_TIMEOUT = 10.0
+MAX_ATTEMPTS = 3
+BACKOFF_SECONDS = 0.2
+# no attempt starts that could end after this (API Gateway gives up at 29 s)
+DEADLINE_SECONDS = 27.0
+# the provider truncates nothing: longer descriptions are refused
+MAX_DESCRIPTION = 128
+
+# YooKassa's published notification sources
+# (https://yookassa.ru/developers/using-api/webhooks, "IP addresses")
+TRUSTED_NETWORKS: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
+    ipaddress.ip_network(network)
+    for network in (
+        "185.71.76.0/27",
+        "185.71.77.0/27",
+        "77.75.153.0/25",
+        "77.75.156.11/32",
+        "77.75.156.35/32",
+        "77.75.154.128/25",
+        "2a02:5180::/32",
+    )
+)
+
+HANDLED_EVENTS = frozenset(
+    {"payment.succeeded", "payment.waiting_for_capture", "payment.canceled", "refund.succeeded"}
+)
+
+_EVENT = re.compile(r"^[a-z_]+\.[a-z_]+$")
+# provider object ids go into URL paths: letters, digits, dashes, underscores
+_PROVIDER_ID = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+_CENT = Decimal("0.01")
+
+
+# ------------------------------------------------------------------ amounts
+
+
+def amount_to_minor_units(value: object) -> int:
+    """'99.00' (or 99, or a JSON number such as 250.0) -> 9900, exactly.
+
+    Parsed through Decimal(str(value)), never float arithmetic; more than two
+    decimal places, negatives, NaN and non-numbers are InvalidRequest.
+    """
+    if isinstance(value, bool) or not isinstance(value, str | int | float | Decimal):
+        raise InvalidRequest(f"Not an amount: {value!r}")
+    try:
+        amount = Decimal(str(value).strip())
+    except InvalidOperation as exc:
+        raise InvalidRequest(f"Not an amount: {value!r}") from exc
+    if not amount.is_finite() or amount < 0:
+        raise InvalidRequest(f"Not an amount: {value!r}")
+    minor = amount * 100
+    if minor != minor.to_integral_value():
+        raise InvalidRequest(f"An amount has at most two decimal places: {value!r}")
+    return int(minor)
+
+
+def minor_units_to_amount(minor_units: int) -> str:
+    """9900 -> '99.00', the provider's decimal string."""
+    if isinstance(minor_units, bool) or not isinstance(minor_units, int) or minor_units < 0:
+        raise InvalidRequest(f"Not an amount in minor units: {minor_units!r}")
+    return str((Decimal(minor_units) / 100).quantize(_CENT))
+
+
+def parse_amount(amount: object) -> tuple[int, str]:
+    """The provider's `{"value": "99.00", "currency": "RUB"}` -> (9900, "RUB")."""
+    if not isinstance(amount, Mapping):
+        raise InvalidRequest("An amount is an object with value and currency")
+    currency = amount.get("currency")
+    if not isinstance(currency, str) or not re.fullmatch(r"[A-Z]{3}", currency):
+        raise InvalidRequest(f"Not a currency: {currency!r}")
+    return amount_to_minor_units(amount.get("value")), currency
+
+
+# ------------------------------------------------------------ notifications
+
+
+class Notification(BaseModel):
+    type: str
+    event: str
+    # the notification's object: the payment, the refund, a deal, a payout...
+    object_id: str
+    # our handle on it: the payment's id, for a refund its payment's id
+    payment_id: str | None
+    # minor units, for refund.succeeded
+    refund_amount: int | None
+    # the object's status as the notification tells it (the webhook re-reads it)
+    object_status: str | None
+
+    @property
+    def ignored(self) -> bool:
+        """An event this backend does not use (deal.closed, payout.succeeded,
+        ...): answer 200 and change nothing."""
+        return self.event not in HANDLED_EVENTS
+
+
+def parse_notification(body: bytes | str | Mapping[str, Any]) -> Notification:
+    """A YooKassa notification, from the raw request body or parsed JSON.
+
+    Malformed input raises InvalidRequest. Events this backend does not use
+    parse too, with `ignored` true.
+    """
+    if isinstance(body, bytes | str):
+        try:
+            data: object = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidRequest("A notification is a JSON object") from exc
+    else:
+        data = body
+    if not isinstance(data, Mapping):
+        raise InvalidRequest("A notification is a JSON object")
+    if data.get("type") != "notification":
+        raise InvalidRequest("Not a notification: type must be 'notification'")
+    event, obj = data.get("event"), data.get("object")
+    if not isinstance(event, str) or not _EVENT.fullmatch(event):
+        raise InvalidRequest("A notification names its event as '<object>.<status>'")
+    if not isinstance(obj, Mapping):
+        raise InvalidRequest("A notification carries its object")
+    status = obj.get("status")
+    object_status = status if isinstance(status, str) else None
+    if event not in HANDLED_EVENTS:
+        object_id = obj.get("id")
+        return Notification(
+            type="notification",
+            event=event,
+            object_id=object_id if isinstance(object_id, str) else "",
+            payment_id=None,
+            refund_amount=None,
+            object_status=object_status,
+        )
+    object_id = _provider_id(obj.get("id"), "object.id")
+    if event.startswith("refund."):
+        payment_id = _provider_id(obj.get("payment_id"), "object.payment_id")
+        refund_amount, _ = parse_amount(obj.get("amount"))
+        if refund_amount <= 0:
+            raise InvalidRequest("A refund's amount must be positive")
+    else:
+        payment_id, refund_amount = object_id, None
+    return Notification(
+        type="notification",
+        event=event,
+        object_id=object_id,
+        payment_id=payment_id,
+        refund_amount=refund_amount,
+        object_status=object_status,
+    )
+
+
+def _provider_id(value: object, name: str) -> str:
+    if not isinstance(value, str) or not _PROVIDER_ID.fullmatch(value):
+        raise InvalidRequest(f"{name} is not a provider id")
+    return value
+
+
+# --------------------------------------------------------- trusted sources
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def trusted_networks() -> tuple[Network, ...]:
+    """YOOKASSA_TRUSTED_NETWORKS (a comma list) when set, else the published ones."""
+    raw = os.environ.get("YOOKASSA_TRUSTED_NETWORKS", "").strip()
+    return _parse_networks(raw) if raw else TRUSTED_NETWORKS
+
+
+@lru_cache(maxsize=8)
+def _parse_networks(raw: str) -> tuple[Network, ...]:
+    try:
+        return tuple(ipaddress.ip_network(item.strip()) for item in raw.split(",") if item.strip())
+    except ValueError as exc:
+        # a typo here would silently refuse (or admit) every notification
+        raise ConfigurationError(f"YOOKASSA_TRUSTED_NETWORKS is not a list of networks: {exc}") from exc
+
+
+def _address(ip: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not isinstance(ip, str):
+        return None
+    text = ip.strip()
+    try:
+        if "/" in text:
+            # API Gateway's sourceIp can read "203.0.113.7/32": one host only
+            interface = ipaddress.ip_interface(text)
+            if interface.network.prefixlen != interface.max_prefixlen:
+                return None
+            address: ipaddress.IPv4Address | ipaddress.IPv6Address = interface.ip
+        else:
+            address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def is_trusted_source(ip: str, networks: Iterable[Network | str] | None = None) -> bool:
+    """Whether a caller's IP lies in YooKassa's notification networks (or the
+    given ones). A `/32` (`/128`) suffix is tolerated; garbage is False."""
+    address = _address(ip)
+    if address is None:
+        return False
+    chosen = trusted_networks() if networks is None else _as_networks(networks)
+    return any(address in network for network in chosen)
+
+
+def _as_networks(networks: Iterable[Network | str]) -> tuple[Network, ...]:
+    return tuple(n if not isinstance(n, str) else ipaddress.ip_network(n.strip()) for n in networks)
+
+
+# ------------------------------------------------------------------ client
+
+
+class ProviderPayment(BaseModel):
+    id: str
+    status: str
+    amount: int  # minor units
+    currency: str
+    paid: bool
+    metadata: dict[str, str]
+    confirmation_url: str | None
+
+
+class ProviderRefund(BaseModel):
+    id: str
+    payment_id: str
+    status: str
+    amount: int  # minor units
+    currency: str
+
+
+@dataclass(frozen=True)
+class YooKassaSettings:
+    shop_id: str
+    secret_key: str
+    api_url: str = API_URL
+    return_url: str | None = None
+
+    @classmethod
+    def from_env(cls) -> YooKassaSettings:
+        shop_id = os.environ.get("YOOKASSA_SHOP_ID", "").strip()
+        secret_key = os.environ.get("YOOKASSA_SECRET_KEY", "").strip()
+        missing = [
+            name
+            for name, value in (("YOOKASSA_SHOP_ID", shop_id), ("YOOKASSA_SECRET_KEY", secret_key))
+            if not value
+        ]
+        if missing:
+            raise ConfigurationError(f"Payments need {' and '.join(missing)}")
+        return cls(
+            shop_id=shop_id,
+            secret_key=secret_key,
+            api_url=os.environ.get("YOOKASSA_API_URL", "").strip() or API_URL,
+            return_url=os.environ.get("YOOKASSA_RETURN_URL", "").strip() or None,
+        )
+
+
+def idempotence_key(payment: Payment) -> str:
+    """The create call's Idempotence-Key: our payment id (a UUID, as the
+    provider recommends), so every retry names the same provider payment."""
+    return str(payment.id)
+
+
+class YooKassaClient:
+    """One per process; its httpx.AsyncClient is made on first use and bound
+    to the running loop (Mangum keeps one loop per Lambda; a test's new loop
+    gets a new client), never per call."""
+
+    def __init__(
+        self,
+        settings: YooKassaSettings,
+        *,
+        connect_timeout: float = CONNECT_TIMEOUT,
+        read_timeout: float = READ_TIMEOUT,
+        max_attempts: int = MAX_ATTEMPTS,
+        backoff: float = BACKOFF_SECONDS,
+        deadline: float = DEADLINE_SECONDS,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self._timeout = httpx.Timeout(read_timeout, connect=connect_timeout)
+        # how long one attempt may take: connecting, then waiting for the answer
+        self._attempt_seconds = connect_timeout + read_timeout
+        self._max_attempts = max(1, max_attempts)
+        self._backoff = backoff
+        self._deadline = deadline
+        self._sleep = sleep
+        self._clock = clock
+        self._http: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @classmethod
+    def from_env(cls) -> YooKassaClient:
+        return cls(YooKassaSettings.from_env())
+
+    def _client(self) -> httpx.AsyncClient:
+        loop = asyncio.get_running_loop()
+        if self._http is None or self._loop is not loop or self._http.is_closed:
+            # a client made on another loop holds that loop's sockets: drop it
+            self._http = httpx.AsyncClient(
+                base_url=self.settings.api_url.rstrip("/") + "/",
+                auth=httpx.BasicAuth(self.settings.shop_id, self.settings.secret_key),
+                timeout=self._timeout,
+                headers={"Accept": "application/json"},
+            )
+            self._loop = loop
+        return self._http
+
+    async def aclose(self) -> None:
+        http, self._http = self._http, None
+        if http is not None and self._loop is asyncio.get_running_loop():
+            await http.aclose()
+
+    async def create_payment(
+        self, payment: Payment, description: str, return_url: str | None = None
+    ) -> ProviderPayment:
+        """POST /payments for our pending payment: its amount, captured at once,
+        paid on the provider's page (confirmation redirect)."""
+        return_url = return_url or self.settings.return_url
+        if not return_url:
+            raise ConfigurationError("Payments need YOOKASSA_RETURN_URL (where the payer comes back to)")
+        body = {
+            "amount": {"value": minor_units_to_amount(payment.amount), "currency": payment.currency},
+            "capture": True,
+            "confirmation": {"type": "redirect", "return_url": return_url},
+            "description": description[:MAX_DESCRIPTION],
+            "metadata": {"payment_id": str(payment.id)},
+        }
+        data = await self._request("POST", "payments", body=body, key=idempotence_key(payment))
+        return _provider_payment(data)
+
+    async def get_payment(self, provider_payment_id: str) -> ProviderPayment:
+        path = f"payments/{quote(_provider_id(provider_payment_id, 'payment id'), safe='')}"
+        return _provider_payment(await self._request("GET", path))
+
+    async def get_refund(self, provider_refund_id: str) -> ProviderRefund:
+        """GET /refunds/{id}: what the webhook re-reads before applying a refund."""
+        path = f"refunds/{quote(_provider_id(provider_refund_id, 'refund id'), safe='')}"
+        data = await self._request("GET", path)
+        try:
+            amount, currency = parse_amount(data.get("amount"))
+            return ProviderRefund(
+                id=data["id"],
+                payment_id=data["payment_id"],
+                status=data["status"],
+                amount=amount,
+                currency=currency,
+            )
+        except (KeyError, TypeError, ValueError, InvalidRequest) as exc:
+            raise ProviderUnavailable("YooKassa answered with an unexpected refund") from exc
+
+    async def _request(
+        self, method: str, path: str, *, body: dict[str, Any] | None = None, key: str | None = None
+    ) -> dict[str, Any]:
+        # repeating is safe only where the provider says so: a GET, or a POST
+        # under the same Idempotence-Key
+        repeatable = method == "GET" or key is not None
+        headers = {"Idempotence-Key": key} if key else {}
+        started = self._clock()
+        attempt = 0
+        while True:
+            attempt += 1
+            cause: Exception | None = None
+            try:
+                response = await self._client().request(method, path, json=body, headers=headers)
+            except httpx.TransportError as exc:
+                cause = exc
+                failure = ProviderUnavailable(f"YooKassa unreachable: {type(exc).__name__}")
+            else:
+                status = response.status_code
+                if status == 200:
+                    return _json_object(response)
+                if status == 429:
+                    raise ProviderUnavailable("YooKassa is limiting our requests")
+                if 400 <= status < 500:
+                    raise _refused(response)
+                failure = ProviderUnavailable(f"YooKassa answered {status}")
+                if status != 202 and status < 500:
+                    raise failure
+            delay = self._backoff * 2 ** (attempt - 1)
+            if (
+                not repeatable
+                or attempt >= self._max_attempts
+                or self._clock() - started + delay + self._attempt_seconds > self._deadline
+            ):
+                log.warning("yookassa %s /%s failed after %d attempt(s): %s", method, path, attempt, failure)
+                raise failure from cause
+            log.info("yookassa %s /%s attempt %d failed (%s); retrying", method, path, attempt, failure)
+            await self._sleep(delay)
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any]:
+    try:
+        data = response.json()
+    except ValueError as exc:
+        raise ProviderUnavailable("YooKassa answered with something other than JSON") from exc
+    if not isinstance(data, dict):
+        raise ProviderUnavailable("YooKassa answered with something other than an object")
+    return data
+
+
+def _refused(response: httpx.Response) -> InvalidRequest:
+    try:
+        error = response.json()
+    except ValueError:
+        error = {}
+    if not isinstance(error, dict):
+        error = {}
+    code, description = error.get("code"), error.get("description")
+    if response.status_code in (401, 403):
+        # our credentials, not the payer's input: the operator must know
+        log.error("yookassa refused our credentials (%s %s)", response.status_code, code)
+    return InvalidRequest(
+        f"YooKassa refused the request: {description or code or response.status_code}",
+        details={
+            "provider_status": response.status_code,
+            "provider_code": code,
+            "parameter": error.get("parameter"),
+        },
+    )
+
+
+def _provider_payment(data: dict[str, Any]) -> ProviderPayment:
+    try:
+        amount, currency = parse_amount(data.get("amount"))
+        confirmation = data.get("confirmation") or {}
+        metadata = data.get("metadata") or {}
+        return ProviderPayment(
+            id=data["id"],
+            status=data["status"],
+            amount=amount,
+            currency=currency,
+            paid=bool(data.get("paid", False)),
+            metadata={str(k): str(v) for k, v in metadata.items()},
+            confirmation_url=confirmation.get("confirmation_url"),
+        )
+    except (KeyError, TypeError, ValueError, AttributeError, InvalidRequest) as exc:
+        raise ProviderUnavailable("YooKassa answered with an unexpected payment") from exc
+
+
+_default: YooKassaClient | None = None
+
+
+def default_client() -> YooKassaClient:
+    """The process's client, built from the environment on first use."""
+    global _default
+    if _default is None:
+        _default = YooKassaClient.from_env()
+    return _default

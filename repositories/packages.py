@@ -1,0 +1,53 @@
+"""What can be bought: token packs and plans (table token_packages).
+
+Prices live in the database so they can change without a deploy; a payment
+copies its package's price when it is created (repositories/payments.py).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+from database import Executor, NotFound, sql
+
+
+class Package(BaseModel):
+    id: str
+    kind: Literal["tokens", "plan"]
+    tokens: int
+    plan: str | None
+    period_days: int | None
+    amount: int  # minor units (kopecks)
+    currency: str
+    description: str
+
+
+LIST_PACKAGES = """
+-- name: list_packages
+select id, kind, tokens, plan, period_days, amount, currency, description
+  from token_packages
+ where active
+ order by sort_order, id
+"""
+
+GET_PACKAGE = """
+-- name: get_package
+select id, kind, tokens, plan, period_days, amount, currency, description
+  from token_packages
+ where id = $1
+   and active
+"""
+
+
+async def list_packages(db: Executor = sql) -> list[Package]:
+    return [Package.model_validate(dict(row)) for row in await db.fetch(LIST_PACKAGES)]
+
+
+async def get_package(package_id: str, db: Executor = sql) -> Package:
+    """The active package; NotFound for an unknown or retired one."""
+    row = await db.fetchrow(GET_PACKAGE, package_id)
+    if row is None:
+        raise NotFound(f"No package {package_id!r}")
+    return Package.model_validate(dict(row))

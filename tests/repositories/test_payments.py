@@ -1,0 +1,515 @@
+"""repositories/payments.py against real PostgreSQL: pricing, idempotent
+creation, forward-only status, exactly-once credit and refunds, the audit."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from uuid import UUID, uuid4
+
+import asyncpg
+import pytest
+
+from database import Conflict, InvalidRequest, NotFound, cache, config, pool, stats
+from repositories.payments import (
+    ApplyResult,
+    Payment,
+    apply_provider_status,
+    apply_refund,
+    attach_provider_payment,
+    create_pending_payment,
+    get_payment,
+    get_payment_by_provider_id,
+    open_payments,
+)
+from tests import db
+
+DAY = 86400.0
+
+
+async def wide_pool(size: int = 20) -> None:
+    """Concurrent calls on separate connections, not queued on one."""
+    await pool.close_pool()
+    config.configure(pool_max_size=size)
+
+
+async def new_user(admin: asyncpg.Connection) -> UUID:
+    return await db.insert_user(admin, clerk_id=f"user_{uuid4().hex[:12]}")
+
+
+async def attached_payment(
+    user_id: UUID, package_id: str = "tokens_50", provider_id: str | None = None
+) -> Payment:
+    payment, _ = await create_pending_payment(user_id, package_id, f"key-{uuid4()}")
+    provider_id = provider_id or f"pp-{uuid4()}"
+    return await attach_provider_payment(payment.id, provider_id, f"https://yoomoney.test/{provider_id}")
+
+
+async def paid_payment(user_id: UUID, package_id: str = "tokens_50") -> Payment:
+    payment = await attached_payment(user_id, package_id)
+    assert payment.provider_payment_id is not None
+    result = await apply_provider_status(payment.provider_payment_id, "succeeded")
+    assert result.changed and result.payment is not None
+    return result.payment
+
+
+async def spend(admin: asyncpg.Connection, user_id: UUID, cost: int) -> None:
+    """A spend by the user_tokens rule, as the generations code would make it."""
+    await admin.execute(
+        """
+        with w as (
+            update user_tokens
+               set balance = balance - $2, total_spent = total_spent + $2, updated_at = now()
+             where user_id = $1
+            returning balance
+        )
+        insert into token_transactions (user_id, amount, balance_after, type, idempotency_key)
+        select $1, -$2, balance, 'spend', $3 from w
+        """,
+        user_id,
+        cost,
+        f"generation:{uuid4()}",
+    )
+
+
+async def subscription(admin: asyncpg.Connection, user_id: UUID) -> list[dict[str, object]]:
+    rows = await admin.fetch(
+        "select plan, status, extract(epoch from current_period_end - now())::float8 as seconds_left"
+        "  from subscriptions where user_id = $1 order by created_at",
+        user_id,
+    )
+    return [dict(row) for row in rows]
+
+
+# ------------------------------------------------------------------ creation
+
+
+async def test_pending_payment_copies_the_package_price(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    payment, created = await create_pending_payment(user_id, "tokens_200", "key-1")
+    assert created is True
+    assert (payment.user_id, payment.package_id, payment.status) == (user_id, "tokens_200", "pending")
+    assert (payment.amount, payment.currency, payment.tokens) == (29900, "RUB", 200)
+    assert (payment.provider_payment_id, payment.confirmation_url, payment.paid_at) == (None, None, None)
+    assert (payment.refunded_amount, payment.refund_shortfall) == (0, 0)
+    # a later price change does not touch the payment already made
+    await admin.execute("update token_packages set amount = 1 where id = 'tokens_200'")
+    assert (await get_payment(user_id, payment.id)).amount == 29900
+
+
+async def test_same_key_returns_the_first_payment(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    first, created = await create_pending_payment(user_id, "tokens_50", "key-same")
+    again, created_again = await create_pending_payment(user_id, "tokens_200", "key-same")
+    assert created and not created_again
+    assert again == first
+    other, created_other = await create_pending_payment(user_id, "tokens_50", "key-other")
+    assert created_other and other.id != first.id
+    # the key is per user: another user's same key is their own payment
+    stranger = await new_user(admin)
+    theirs, created_theirs = await create_pending_payment(stranger, "tokens_50", "key-same")
+    assert created_theirs and theirs.id != first.id
+    assert await admin.fetchval("select count(*) from payments") == 3
+
+
+@pytest.mark.parametrize("package_id", ["tokens_999", "retired"])
+async def test_unknown_or_retired_package_is_an_invalid_request(
+    admin: asyncpg.Connection, package_id: str
+) -> None:
+    await admin.execute(
+        "insert into token_packages (id, kind, tokens, amount, description, active)"
+        " values ('retired', 'tokens', 1, 100, 'gone', false)"
+    )
+    user_id = await new_user(admin)
+    with pytest.raises(InvalidRequest, match="unknown package"):
+        await create_pending_payment(user_id, package_id, "key-x")
+    assert await admin.fetchval("select count(*) from payments") == 0
+
+
+async def test_same_key_twenty_times_concurrently_makes_one_payment(admin: asyncpg.Connection) -> None:
+    await wide_pool()
+    user_id = await new_user(admin)
+    results = await asyncio.gather(
+        *(create_pending_payment(user_id, "tokens_50", "key-race") for _ in range(20))
+    )
+    assert len({payment.id for payment, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    assert await admin.fetchval("select count(*) from payments") == 1
+
+
+# ---------------------------------------------------------------- attachment
+
+
+async def test_attach_records_the_provider_payment_once(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    payment, _ = await create_pending_payment(user_id, "tokens_50", "key-attach")
+    attached = await attach_provider_payment(payment.id, "pp-1", "https://yoomoney.test/pp-1")
+    assert (attached.provider_payment_id, attached.confirmation_url) == ("pp-1", "https://yoomoney.test/pp-1")
+    again = await attach_provider_payment(payment.id, "pp-1", "https://yoomoney.test/pp-1")
+    assert again == attached
+    with pytest.raises(Conflict):
+        await attach_provider_payment(payment.id, "pp-2", "https://yoomoney.test/pp-2")
+    assert (await get_payment(user_id, payment.id)).provider_payment_id == "pp-1"
+
+
+async def test_attach_unknown_payment_is_not_found() -> None:
+    with pytest.raises(NotFound):
+        await attach_provider_payment(uuid4(), "pp-none", None)
+
+
+async def test_one_provider_payment_cannot_serve_two_payments(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    await attached_payment(user_id, provider_id="pp-shared")
+    second, _ = await create_pending_payment(user_id, "tokens_50", "key-second")
+    with pytest.raises(Conflict):
+        await attach_provider_payment(second.id, "pp-shared", None)
+
+
+async def test_another_users_payment_is_not_found(admin: asyncpg.Connection) -> None:
+    owner, stranger = await new_user(admin), await new_user(admin)
+    payment = await attached_payment(owner, provider_id="pp-owner")
+    assert (await get_payment(owner, payment.id)).id == payment.id
+    with pytest.raises(NotFound):
+        await get_payment(stranger, payment.id)
+    assert await get_payment_by_provider_id("pp-owner") == payment
+    assert await get_payment_by_provider_id("pp-nobody") is None
+
+
+# -------------------------------------------------------------------- status
+
+
+async def test_success_credits_tokens_with_one_purchase_row(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    payment = await attached_payment(user_id, provider_id="pp-ok")
+    result = await apply_provider_status("pp-ok", "succeeded")
+    assert result.changed and result.credited_tokens == 50
+    assert result.payment is not None
+    assert result.payment.status == "succeeded" and result.payment.paid_at is not None
+    assert await db.balance(admin, user_id) == 10 + 50
+    purchase = (await db.ledger(admin, user_id))[-1]
+    assert purchase == {
+        "id": purchase["id"],
+        "amount": 50,
+        "balance_after": 60,
+        "type": "purchase",
+        "reference": str(payment.id),
+        "idempotency_key": f"payment:{payment.id}",
+    }
+    description = "select description from token_transactions where id = $1"
+    assert await admin.fetchval(description, purchase["id"]) == "50 tokens"
+    assert await db.audit_problems(admin) == []
+
+
+async def test_success_is_one_round_trip(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    await attached_payment(user_id, "pro_month", provider_id="pp-trip")
+    with stats.collect() as counted:
+        result = await apply_provider_status("pp-trip", "succeeded")
+    assert result.changed
+    assert (counted.statements, counted.round_trips) == (1, 1)
+
+
+async def test_success_twenty_times_concurrently_credits_once(admin: asyncpg.Connection) -> None:
+    await wide_pool()
+    user_id = await new_user(admin)
+    payment = await attached_payment(user_id, provider_id="pp-race")
+    results = await asyncio.gather(*(apply_provider_status("pp-race", "succeeded") for _ in range(20)))
+    assert sum(r.changed for r in results) == 1
+    assert sum(r.credited_tokens for r in results) == 50
+    # every caller, winner or not, sees the settled payment
+    assert {r.payment.status for r in results if r.payment} == {"succeeded"}
+    assert await db.balance(admin, user_id) == 60
+    keys = [row["idempotency_key"] for row in await db.ledger(admin, user_id)]
+    assert keys == ["welcome_bonus", f"payment:{payment.id}"]
+    assert await db.audit_problems(admin) == []
+
+
+async def test_ledger_key_stops_a_second_credit_of_the_same_payment(admin: asyncpg.Connection) -> None:
+    """The second guard: tokens already credited under payment:<id> (say by an
+    operator) are not credited again, yet the payment still settles."""
+    user_id = await new_user(admin)
+    payment = await attached_payment(user_id, provider_id="pp-credited")
+    await admin.execute(
+        """
+        with w as (
+            update user_tokens set balance = balance + 50, total_earned = total_earned + 50
+             where user_id = $1
+            returning balance
+        )
+        insert into token_transactions (user_id, amount, balance_after, type, idempotency_key)
+        select $1, 50, balance, 'adjustment', $2 from w
+        """,
+        user_id,
+        f"payment:{payment.id}",
+    )
+    result = await apply_provider_status("pp-credited", "succeeded")
+    assert result.changed and result.credited_tokens == 0
+    assert result.payment is not None and result.payment.status == "succeeded"
+    assert await db.balance(admin, user_id) == 60
+    assert await db.audit_problems(admin) == []
+
+
+async def test_canceled_after_succeeded_changes_nothing(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    payment = await paid_payment(user_id)
+    before = await db.ledger(admin, user_id)
+    for status in ("canceled", "waiting_for_capture", "pending", "succeeded"):
+        result = await apply_provider_status(payment.provider_payment_id or "", status)
+        assert (result.changed, result.credited_tokens) == (False, 0)
+        assert result.payment is not None and result.payment.status == "succeeded"
+    assert await db.ledger(admin, user_id) == before
+    assert await db.audit_problems(admin) == []
+
+
+async def test_waiting_for_capture_then_succeeded_credits_once(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    await attached_payment(user_id, provider_id="pp-two-step")
+    waiting = await apply_provider_status("pp-two-step", "waiting_for_capture")
+    assert waiting.changed and waiting.credited_tokens == 0
+    assert waiting.payment is not None and waiting.payment.status == "waiting_for_capture"
+    assert waiting.payment.paid_at is None
+    assert await db.balance(admin, user_id) == 10
+    again = await apply_provider_status("pp-two-step", "waiting_for_capture")
+    assert not again.changed
+    succeeded = await apply_provider_status("pp-two-step", "succeeded")
+    assert succeeded.changed and succeeded.credited_tokens == 50
+    repeat = await apply_provider_status("pp-two-step", "succeeded")
+    assert not repeat.changed and repeat.credited_tokens == 0
+    assert await db.balance(admin, user_id) == 60
+    assert await db.audit_problems(admin) == []
+
+
+async def test_canceled_payment_credits_nothing_ever(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    await attached_payment(user_id, provider_id="pp-cancel")
+    canceled = await apply_provider_status("pp-cancel", "canceled")
+    assert canceled.changed and canceled.payment is not None and canceled.payment.status == "canceled"
+    late = await apply_provider_status("pp-cancel", "succeeded")
+    assert not late.changed
+    assert late.payment is not None and late.payment.status == "canceled"
+    assert await db.balance(admin, user_id) == 10
+
+
+async def test_plan_package_activates_the_plan_and_a_second_extends_it(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    first = await paid_payment(user_id, "pro_month")
+    assert await db.balance(admin, user_id) == 10 + 200
+    assert (await db.ledger(admin, user_id))[-1]["type"] == "plan_grant"
+    [plan] = await subscription(admin, user_id)
+    assert (plan["plan"], plan["status"]) == ("pro", "active")
+    assert 30 * DAY - 60 < float(plan["seconds_left"]) <= 30 * DAY  # type: ignore[arg-type]
+
+    await paid_payment(user_id, "premium_month")
+    [plan] = await subscription(admin, user_id)
+    assert (plan["plan"], plan["status"]) == ("premium", "active")
+    assert 60 * DAY - 60 < float(plan["seconds_left"]) <= 60 * DAY  # type: ignore[arg-type]
+    assert await db.balance(admin, user_id) == 10 + 200 + 1000
+    keys = [row["idempotency_key"] for row in await db.ledger(admin, user_id)]
+    assert keys[1] == f"payment:{first.id}"
+    assert await db.audit_problems(admin) == []
+
+
+async def test_expired_plan_is_renewed_from_now_not_from_its_old_end(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    await admin.execute(
+        "insert into subscriptions (user_id, plan, status, current_period_start, current_period_end)"
+        " values ($1, 'pro', 'active', now() - interval '40 days', now() - interval '10 days')",
+        user_id,
+    )
+    await paid_payment(user_id, "pro_month")
+    [plan] = await subscription(admin, user_id)
+    assert 30 * DAY - 60 < float(plan["seconds_left"]) <= 30 * DAY  # type: ignore[arg-type]
+
+
+async def test_unknown_provider_payment_changes_nothing(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    await attached_payment(user_id, provider_id="pp-known")
+    result = await apply_provider_status("pp-unknown", "succeeded")
+    assert result == ApplyResult(payment=None, changed=False, credited_tokens=0)
+    assert await db.balance(admin, user_id) == 10
+
+
+async def test_unknown_status_is_an_invalid_request() -> None:
+    with pytest.raises(InvalidRequest):
+        await apply_provider_status("pp-any", "refunded")
+
+
+async def test_credit_invalidates_the_cached_balance(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    await attached_payment(user_id, provider_id="pp-cache")
+    cache.remember_balance(user_id, 10)
+    await apply_provider_status("pp-cache", "succeeded")
+    assert cache.cached_balance(user_id) is None
+
+
+# ------------------------------------------------------------------- refunds
+
+
+async def test_full_refund_after_a_partial_spend_never_goes_negative(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    payment = await paid_payment(user_id)  # 10 + 50
+    await spend(admin, user_id, 55)
+    cache.remember_balance(user_id, 5)
+    result = await apply_refund(payment.provider_payment_id or "", "rf-1", 9900)
+    assert result.changed and result.credited_tokens == -5
+    assert result.payment is not None
+    assert (result.payment.status, result.payment.refunded_amount, result.payment.refund_shortfall) == (
+        "refunded",
+        9900,
+        45,
+    )
+    assert await db.balance(admin, user_id) == 0
+    reversal = (await db.ledger(admin, user_id))[-1]
+    assert (reversal["amount"], reversal["balance_after"], reversal["type"]) == (-5, 0, "reversal")
+    assert reversal["idempotency_key"] == f"reversal:{payment.id}:rf-1"
+    assert reversal["reference"] == str(payment.id)
+    recorded = await admin.fetchrow("select * from payment_refunds where provider_refund_id = 'rf-1'")
+    assert (recorded["amount"], recorded["tokens_taken"], recorded["tokens_short"]) == (9900, 5, 45)
+    assert cache.cached_balance(user_id) is None
+    assert await db.audit_problems(admin) == []
+
+
+async def test_same_refund_twice_applies_once(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    payment = await paid_payment(user_id)
+    provider_id = payment.provider_payment_id or ""
+    first = await apply_refund(provider_id, "rf-twice", 4950)
+    second = await apply_refund(provider_id, "rf-twice", 4950)
+    assert (first.changed, first.credited_tokens) == (True, -25)
+    assert (second.changed, second.credited_tokens) == (False, 0)
+    assert second.payment is not None
+    assert (second.payment.status, second.payment.refunded_amount) == ("succeeded", 4950)
+    assert await db.balance(admin, user_id) == 60 - 25
+    assert await db.audit_problems(admin) == []
+
+
+async def test_refund_of_an_empty_wallet_is_recorded_once_as_shortfall(admin: asyncpg.Connection) -> None:
+    """No ledger row can carry the key when nothing is taken back: the refund
+    id itself must stop a second delivery from doubling the shortfall."""
+    user_id = await new_user(admin)
+    payment = await paid_payment(user_id)
+    await spend(admin, user_id, 60)
+    provider_id = payment.provider_payment_id or ""
+    first = await apply_refund(provider_id, "rf-empty", 9900)
+    second = await apply_refund(provider_id, "rf-empty", 9900)
+    assert (first.changed, first.credited_tokens) == (True, 0)
+    assert not second.changed
+    assert second.payment is not None and second.payment.refund_shortfall == 50
+    assert [row["type"] for row in await db.ledger(admin, user_id)] == ["bonus", "purchase", "spend"]
+    assert await db.audit_problems(admin) == []
+
+
+async def test_same_refund_ten_times_concurrently_applies_once(admin: asyncpg.Connection) -> None:
+    await wide_pool()
+    user_id = await new_user(admin)
+    payment = await paid_payment(user_id)
+    provider_id = payment.provider_payment_id or ""
+    results = await asyncio.gather(*(apply_refund(provider_id, "rf-race", 9900) for _ in range(10)))
+    assert sum(r.changed for r in results) == 1
+    assert await db.balance(admin, user_id) == 10
+    assert await admin.fetchval("select count(*) from payment_refunds") == 1
+    assert await db.audit_problems(admin) == []
+
+
+async def test_partial_refunds_add_up_to_all_the_tokens(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    payment = await paid_payment(user_id)  # 50 tokens for 9900
+    provider_id = payment.provider_payment_id or ""
+    taken = []
+    for refund_id, amount in (("rf-a", 100), ("rf-b", 3300), ("rf-c", 6500)):
+        result = await apply_refund(provider_id, refund_id, amount)
+        assert result.changed
+        taken.append(-result.credited_tokens)
+    # floor(50*100/9900) = 0, floor(50*3400/9900) = 17, then all 50
+    assert taken == [0, 17, 33]
+    final = await get_payment(user_id, payment.id)
+    assert (final.status, final.refunded_amount, final.refund_shortfall) == ("refunded", 9900, 0)
+    assert await db.balance(admin, user_id) == 10
+    late = await apply_refund(provider_id, "rf-d", 100)
+    assert not late.changed
+    assert await db.audit_problems(admin) == []
+
+
+async def test_refund_over_the_amount_is_capped(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    payment = await paid_payment(user_id)
+    result = await apply_refund(payment.provider_payment_id or "", "rf-big", 20000)
+    assert result.payment is not None
+    assert (result.payment.refunded_amount, result.payment.status) == (9900, "refunded")
+    assert result.credited_tokens == -50
+
+
+async def test_refund_of_an_unpaid_or_unknown_payment_changes_nothing(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    pending = await attached_payment(user_id, provider_id="pp-unpaid")
+    result = await apply_refund("pp-unpaid", "rf-unpaid", 9900)
+    assert not result.changed and result.payment == pending
+    assert await apply_refund("pp-nobody", "rf-nobody", 100) == ApplyResult(
+        payment=None, changed=False, credited_tokens=0
+    )
+    assert await admin.fetchval("select count(*) from payment_refunds") == 0
+
+
+@pytest.mark.parametrize(("refund_id", "amount"), [("rf-zero", 0), ("rf-negative", -1), ("", 100)])
+async def test_malformed_refund_is_an_invalid_request(refund_id: str, amount: int) -> None:
+    with pytest.raises(InvalidRequest):
+        await apply_refund("pp-any", refund_id, amount)
+
+
+async def test_full_refund_of_the_only_plan_purchase_ends_the_plan_now(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    payment = await paid_payment(user_id, "pro_month")
+    await apply_refund(payment.provider_payment_id or "", "rf-plan", 49900)
+    [plan] = await subscription(admin, user_id)
+    assert plan["status"] == "canceled"
+    assert float(plan["seconds_left"]) <= 0  # type: ignore[arg-type]
+    assert await db.balance(admin, user_id) == 10
+    assert await db.audit_problems(admin) == []
+
+
+async def test_partial_plan_refund_gives_back_the_same_share_of_the_period(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    payment = await paid_payment(user_id, "pro_month")
+    result = await apply_refund(payment.provider_payment_id or "", "rf-half", 24950)
+    assert result.credited_tokens == -100
+    [plan] = await subscription(admin, user_id)
+    assert plan["status"] == "active"
+    assert 15 * DAY - 60 < float(plan["seconds_left"]) <= 15 * DAY  # type: ignore[arg-type]
+
+
+async def test_refunding_one_of_two_plan_purchases_keeps_the_other_period(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    first = await paid_payment(user_id, "pro_month")
+    await paid_payment(user_id, "pro_month")
+    await apply_refund(first.provider_payment_id or "", "rf-one-of-two", 49900)
+    [plan] = await subscription(admin, user_id)
+    assert plan["status"] == "active"
+    assert 30 * DAY - 60 < float(plan["seconds_left"]) <= 30 * DAY  # type: ignore[arg-type]
+    assert await db.balance(admin, user_id) == 10 + 200
+    assert await db.audit_problems(admin) == []
+
+
+# --------------------------------------------------------------- reconciler
+
+
+async def test_open_payments_are_the_unsettled_ones_with_a_provider_id(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    old_pending = await attached_payment(user_id, provider_id="pp-old-pending")
+    old_waiting = await attached_payment(user_id, provider_id="pp-old-waiting")
+    await apply_provider_status("pp-old-waiting", "waiting_for_capture")
+    await attached_payment(user_id, provider_id="pp-old-paid")
+    await apply_provider_status("pp-old-paid", "succeeded")
+    await create_pending_payment(user_id, "tokens_50", "key-never-attached")
+    await admin.execute("update payments set created_at = now() - interval '1 hour'")
+    await attached_payment(user_id, provider_id="pp-fresh")
+    await admin.execute(
+        "update payments set created_at = created_at - interval '1 minute' where provider_payment_id = $1",
+        "pp-old-pending",
+    )
+    cut_off = await admin.fetchval("select now() - interval '10 minutes'")
+    found = await open_payments(cut_off)
+    assert [p.id for p in found] == [old_pending.id, old_waiting.id]
+    assert [p.id for p in await open_payments(cut_off, limit=1)] == [old_pending.id]
+    assert await open_payments(cut_off - timedelta(days=1)) == []
+    with pytest.raises(InvalidRequest):
+        await open_payments(cut_off, limit=0)
