@@ -376,3 +376,27 @@ async def test_link_invalidates_both_cached_balances(admin: asyncpg.Connection) 
     await users.link_device(account.id, "device-cache-0001")
     assert (await tokens.get_cached_balance(account.id)).balance == 15
     assert (await tokens.get_cached_balance(device.id)).balance == 0
+
+
+async def test_failed_generation_moved_in_by_linking_is_refunded(admin: asyncpg.Connection) -> None:
+    """Regression: the refund of a generation spent on a device wallet and then
+    moved into a Clerk account (whose total_spent is 0) was refused by the
+    total_spent >= 0 CHECK, so the refund was lost."""
+    from repositories import generations
+
+    device = await users.get_or_create_device_user("device-refund-01", None, LIMIT)
+    created = await generations.create_generation(device.id, "a cat", "hd", "key-1")
+    clerk = await users.get_or_create_clerk_user("user_refund_after_link")
+    moved = await users.link_device(clerk.id, "device-refund-01")
+    assert moved.moved_tokens == 3
+
+    failed = await generations.record_result(created.generation.id, "failed", None, "gpu lost")
+
+    assert failed.status == "failed"
+    assert await db.balance(admin, clerk.id) == 10 + 3 + 2
+    assert [row["type"] for row in await db.ledger(admin, clerk.id)] == [
+        "bonus",
+        "transfer_in",
+        "refund",
+    ]
+    assert await db.audit_problems(admin) == []
