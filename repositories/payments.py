@@ -147,6 +147,9 @@ with moved as (
            paid_at    = case when $2::text = 'succeeded' then now() else p.paid_at end,
            updated_at = now()
      where p.provider_payment_id = $1
+       -- the provider's amount must be what we asked for: a payment altered
+       -- on the way (or a bug) is never credited
+       and ($3::bigint is null or (p.amount = $3::bigint and p.currency = $4::text))
        and (p.status, $2::text) in (('pending', 'waiting_for_capture'),
                                     ('pending', 'succeeded'),
                                     ('pending', 'canceled'),
@@ -390,9 +393,18 @@ async def get_payment_by_provider_id(provider_payment_id: str, db: Executor = sq
     return _payment(row) if row else None
 
 
-async def apply_provider_status(provider_payment_id: str, status: str, db: Executor = sql) -> ApplyResult:
+async def apply_provider_status(
+    provider_payment_id: str,
+    status: str,
+    amount: int | None = None,
+    currency: str | None = None,
+    db: Executor = sql,
+) -> ApplyResult:
     """Move the payment to the provider's status if that is forward; on
     `succeeded` credit the package (tokens, plan) in the same statement.
+
+    With `amount` (minor units) and `currency` as the provider reports them,
+    a payment whose amount differs from ours is not moved (changed=False).
 
     Anything else (a repeat, canceled after succeeded, a step backwards)
     changes nothing and reports changed=False. An unknown provider id gives
@@ -401,7 +413,7 @@ async def apply_provider_status(provider_payment_id: str, status: str, db: Execu
     if status not in PROVIDER_STATUSES:
         raise InvalidRequest(f"Unknown payment status {status!r}")
     try:
-        row = await db.fetchrow(APPLY_PROVIDER_STATUS, provider_payment_id, status)
+        row = await db.fetchrow(APPLY_PROVIDER_STATUS, provider_payment_id, status, amount, currency)
     except Conflict as exc:
         if exc.constraint not in DUPLICATE_GUARDS:
             raise

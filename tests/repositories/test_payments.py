@@ -200,6 +200,21 @@ async def test_success_credits_tokens_with_one_purchase_row(admin: asyncpg.Conne
     assert await db.audit_problems(admin) == []
 
 
+async def test_success_with_a_different_amount_at_the_provider_credits_nothing(
+    admin: asyncpg.Connection,
+) -> None:
+    user_id = await new_user(admin)
+    await attached_payment(user_id, provider_id="pp-altered")
+    altered = await apply_provider_status("pp-altered", "succeeded", amount=100, currency="RUB")
+    wrong_currency = await apply_provider_status("pp-altered", "succeeded", amount=9900, currency="USD")
+    assert not altered.changed and not wrong_currency.changed
+    assert altered.payment is not None and altered.payment.status == "pending"
+    assert await db.balance(admin, user_id) == 10
+    matching = await apply_provider_status("pp-altered", "succeeded", amount=9900, currency="RUB")
+    assert matching.changed and matching.credited_tokens == 50
+    assert await db.audit_problems(admin) == []
+
+
 async def test_success_is_one_round_trip(admin: asyncpg.Connection) -> None:
     user_id = await new_user(admin)
     await attached_payment(user_id, "pro_month", provider_id="pp-trip")

@@ -1,0 +1,126 @@
+"""Scheduled jobs: each an async function the CLI runs (`dreamlens <job>`)
+and a Lambda handler serverless.yml schedules.
+
+Every job is safe to run twice at once (two schedules overlapping, or an
+operator's manual run beside the schedule): the statements they run are
+guarded by the state they change and keyed where they move tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from database import DreamLensError
+from functions import metrics, runtime
+from repositories import audit, generations, payments, subscriptions, usage
+
+log = logging.getLogger("dreamlens.jobs")
+
+Job = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def _minutes(name: str, default: int) -> timedelta:
+    return timedelta(minutes=int(os.environ.get(name, default)))
+
+
+async def reap_generations() -> dict[str, Any]:
+    """Leases that ran out go back to pending; past 3 attempts, or pending
+    past the cut-off (GENERATION_PENDING_CUTOFF_MINUTES, default 15), a
+    generation fails and its cost is refunded once."""
+    result = await generations.reap_generations(
+        pending_cutoff=_minutes("GENERATION_PENDING_CUTOFF_MINUTES", 15)
+    )
+    metrics.emit({"GenerationsRequeued": result.returned, "GenerationsExpired": result.failed})
+    return result.model_dump()
+
+
+async def expire_subscriptions() -> dict[str, Any]:
+    expired = await subscriptions.expire_ended()
+    metrics.emit({"SubscriptionsExpired": expired})
+    return {"expired": expired}
+
+
+async def prune_usage(now: datetime | None = None) -> dict[str, Any]:
+    """Delete usage_logs older than USAGE_RETENTION_DAYS (default 30), one
+    bounded batch per statement, stopping after a bounded number of batches
+    so a run never outlives its Lambda timeout (the next run goes on)."""
+    retention = timedelta(days=int(os.environ.get("USAGE_RETENTION_DAYS", 30)))
+    batch_size = int(os.environ.get("USAGE_PRUNE_BATCH_SIZE", 5000))
+    max_batches = int(os.environ.get("USAGE_PRUNE_MAX_BATCHES", 50))
+    cut_off = (now or datetime.now(UTC)) - retention
+    deleted = batches = 0
+    while batches < max_batches:
+        removed = await usage.prune_usage(cut_off, batch_size=batch_size)
+        deleted += removed
+        batches += 1
+        if removed < batch_size:
+            break
+    metrics.emit({"UsageLogsPruned": deleted})
+    return {"deleted": deleted, "batches": batches}
+
+
+async def audit_ledger() -> dict[str, Any]:
+    """The ledger audit: every violation logged, and counted as a metric an
+    alarm can watch."""
+    violations = await audit.find_violations()
+    for violation in violations:
+        log.error("ledger violation: user %s %s: %s", violation.user_id, violation.problem,
+                  violation.detail)
+    metrics.emit({"LedgerViolations": len(violations)})
+    return {"violations": len(violations)}
+
+
+async def reconcile_payments(now: datetime | None = None) -> dict[str, Any]:
+    """Ask YooKassa about payments still open after PAYMENT_RECONCILE_AFTER_MINUTES
+    (default 10): a lost webhook must not lose anyone's money."""
+    from functions import payment_sync
+    from functions.yookassa import default_client
+
+    older_than = (now or datetime.now(UTC)) - _minutes("PAYMENT_RECONCILE_AFTER_MINUTES", 10)
+    client = default_client()
+    checked = changed = failed = 0
+    for payment in await payments.open_payments(older_than):
+        checked += 1
+        try:
+            result = await payment_sync.sync_payment(client, payment.provider_payment_id or "")
+        except DreamLensError as exc:
+            # one provider hiccup must not stop the others; the next run retries
+            failed += 1
+            log.warning("reconcile of payment %s failed: %s", payment.id, exc.code)
+            continue
+        changed += int(result.changed)
+    metrics.emit({"PaymentsReconciled": changed, "PaymentReconcileFailures": failed})
+    return {"checked": checked, "changed": changed, "failed": failed}
+
+
+JOBS: dict[str, Job] = {
+    "reap-generations": reap_generations,
+    "expire-subscriptions": expire_subscriptions,
+    "prune-usage": prune_usage,
+    "audit-ledger": audit_ledger,
+    "reconcile-payments": reconcile_payments,
+}
+
+
+def _handler(job: Job) -> Callable[[Any, Any], dict[str, Any]]:
+    def handle(event: Any, context: Any) -> dict[str, Any]:
+        from functions import settings
+
+        settings.load_database_secrets()
+        result = runtime.run(job())
+        log.info("%s: %s", job.__name__, result)
+        return result
+
+    handle.__name__ = f"{job.__name__}_handler"
+    return handle
+
+
+reap_generations_handler = _handler(reap_generations)
+expire_subscriptions_handler = _handler(expire_subscriptions)
+prune_usage_handler = _handler(prune_usage)
+audit_ledger_handler = _handler(audit_ledger)
+reconcile_payments_handler = _handler(reconcile_payments)
