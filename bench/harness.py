@@ -127,6 +127,15 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path="/" + name))
 
 
+def redacted(url: str) -> str:
+    """The URL with its password masked, for printing."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def _server_address(url: str) -> tuple[Path | None, str | None, int | None]:
     parts = urlsplit(url)
     query = parse_qs(parts.query)
@@ -584,7 +593,7 @@ async def _self_check(database: BenchDatabase) -> None:
 def main() -> None:
     with bench_database() as database:
         banner("harness self-check", database)
-        print(f"database: {database.url}")
+        print(f"database: {redacted(database.url)}")
         print(f"server address: {database.socket_path or f'{database.host}:{database.port}'}")
         asyncio.run(_self_check(database))
         event = api_gateway_v2_event("POST", "/api/generations", body={"prompt": "a fox"})

@@ -18,8 +18,8 @@ the shape a team would deploy.
 audit, then times create_generation directly and through the 2 ms proxy.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI reads the handler's
+# annotations at runtime, and they name things local to build_handler().
 import asyncio
 import uuid
 from dataclasses import dataclass
