@@ -1,0 +1,178 @@
+"""What handlers use to read a request and shape a response.
+
+    body = await read_json(request, CreateGeneration)   # 400 unreadable, 422 invalid
+    limit, before = page_params(request, cursor=UUID)   # 422 for anything else
+    key = idempotency_key(request)                      # None, or 1-200 printable ASCII
+    return json_response(generation, status=201)
+
+Request models derive from `RequestModel`: unknown fields, NUL characters
+and over-long strings are refused by default.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, NamedTuple, TypeVar
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic_core import to_json
+from starlette.requests import Request
+from starlette.responses import Response
+
+from database import InvalidRequest
+from functions.errors import MalformedRequest
+
+M = TypeVar("M", bound=BaseModel)
+C = TypeVar("C", str, int, UUID)
+
+# a backstop for any string field that does not set its own max_length
+DEFAULT_MAX_STRING = 4096
+
+DEFAULT_PAGE_LIMIT = 50
+MAX_PAGE_LIMIT = 100
+PAGE_PARAMS = frozenset({"limit", "before"})
+MAX_BIGINT = 2**63 - 1
+
+IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,200}")
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list | tuple | set | frozenset):
+        return any(_has_nul(item) for item in value)
+    if isinstance(value, dict):
+        return any(_has_nul(key) or _has_nul(item) for key, item in value.items())
+    return False
+
+
+class RequestModel(BaseModel):
+    """Base of every request body: strict about what it accepts."""
+
+    model_config = ConfigDict(extra="forbid", str_max_length=DEFAULT_MAX_STRING)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul_characters(cls, value: Any) -> Any:
+        # PostgreSQL text cannot hold NUL; refuse it here as a 422, by field
+        if _has_nul(value):
+            raise ValueError("must not contain NUL characters")
+        return value
+
+
+def validation_details(exc: ValidationError) -> list[dict[str, Any]]:
+    """Where and why, never the input itself (it may be a prompt or a secret)."""
+    return [
+        {"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]}
+        for error in exc.errors(include_url=False, include_input=False, include_context=False)
+    ]
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object; an empty body is `{}` (every field optional)."""
+    if not raw.strip():
+        return {}
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedRequest("Request body is not UTF-8") from exc
+    try:
+        # NaN and Infinity are Python's extension, not JSON
+        document = json.loads(text, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedRequest("Request body is not valid JSON") from exc
+    if not isinstance(document, dict):
+        raise MalformedRequest("Request body must be a JSON object")
+    return document
+
+
+async def read_json(request: Request, model: type[M]) -> M:
+    """The body validated by `model`: 400 when unreadable, 422 with details when invalid."""
+    document = parse_json_object(await request.body())
+    try:
+        return model.model_validate(document)
+    except ValidationError as exc:
+        raise InvalidRequest("Request body is invalid", details=validation_details(exc)) from exc
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """`data` as JSON: pydantic models (anywhere inside) in JSON mode, UUIDs and
+    datetimes as strings."""
+    return Response(to_json(data), status_code=status, headers=headers, media_type="application/json")
+
+
+class Page(NamedTuple):
+    limit: int
+    before: Any
+
+
+def _query_error(name: str, message: str, kind: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"Query parameter {name!r} {message}",
+        details=[{"loc": ["query", name], "msg": message, "type": kind}],
+    )
+
+
+def _cursor(raw: str, cursor: type[C]) -> C:
+    if cursor is UUID:
+        try:
+            return UUID(raw)  # type: ignore[return-value]
+        except ValueError as exc:
+            raise _query_error("before", "must be a UUID", "uuid_parsing") from exc
+    if cursor is int:
+        if not raw.isascii() or not raw.isdigit() or int(raw) > MAX_BIGINT:
+            raise _query_error("before", "must be a positive integer id", "int_parsing")
+        return int(raw)  # type: ignore[return-value]
+    if not 1 <= len(raw) <= 200 or "\x00" in raw:
+        raise _query_error("before", "must be 1-200 characters", "string_type")
+    return raw  # type: ignore[return-value]
+
+
+def page_params(request: Request, cursor: type[C] = str) -> Page:  # type: ignore[assignment]
+    """`limit` (1-100, default 50) and `before` (the previous page's `next_before`,
+    parsed as `cursor`); any other query parameter is a 422."""
+    params = request.query_params
+    for name in params:
+        if name not in PAGE_PARAMS:
+            raise _query_error(name, "is not accepted here", "extra_forbidden")
+        if len(params.getlist(name)) > 1:
+            raise _query_error(name, "is given more than once", "duplicate")
+    limit = DEFAULT_PAGE_LIMIT
+    raw_limit = params.get("limit")
+    if raw_limit is not None:
+        if not raw_limit.isascii() or not raw_limit.isdigit() or len(raw_limit) > 3:
+            raise _query_error("limit", "must be an integer from 1 to 100", "int_parsing")
+        limit = int(raw_limit)
+        if not 1 <= limit <= MAX_PAGE_LIMIT:
+            raise _query_error("limit", "must be an integer from 1 to 100", "less_than_equal")
+    raw_before = params.get("before")
+    before = _cursor(raw_before, cursor) if raw_before is not None else None
+    return Page(limit, before)
+
+
+def _header_error(name: str, message: str, kind: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"{name} {message}", details=[{"loc": ["header", name], "msg": message, "type": kind}]
+    )
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The `Idempotency-Key` header: None when absent, else 1-200 printable ASCII
+    characters (422 otherwise)."""
+    values = request.headers.getlist("idempotency-key")
+    if not values:
+        return None
+    if len(values) > 1:
+        raise _header_error("Idempotency-Key", "is given more than once", "duplicate")
+    key = values[0]
+    if not IDEMPOTENCY_KEY.fullmatch(key) or not key.strip():
+        raise _header_error(
+            "Idempotency-Key", "must be 1-200 printable ASCII characters", "string_pattern_mismatch"
+        )
+    return key

@@ -1,0 +1,42 @@
+"""Every function test gets a fresh Lambda runtime (a thread with its own
+persistent event loop, see lambda_events.py) and fresh per-cold-start state:
+settings, secrets and the identity cache."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from functions import identity, settings
+from tests.functions import lambda_events
+
+# Mangum() takes the thread's event loop when it is constructed (at the import
+# of a function module), making one if there is none. In Lambda that loop then
+# serves every invocation. Under pytest nothing would close it, and
+# pytest-asyncio replaces the main thread's loop, so the orphan would be
+# collected with a ResourceWarning. The imports get a loop this file owns.
+_import_loop = asyncio.new_event_loop()
+asyncio.set_event_loop(_import_loop)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def close_import_loop() -> Iterator[None]:
+    yield
+    _import_loop.close()
+
+
+@pytest.fixture(autouse=True)
+async def lambda_runtime() -> AsyncIterator[lambda_events.LambdaRuntime]:
+    settings.reset()
+    identity.forget_all()
+    runtime = lambda_events.LambdaRuntime()
+    lambda_events.use_runtime(runtime)
+    try:
+        yield runtime
+    finally:
+        lambda_events.use_runtime(None)
+        await runtime.close()
+        settings.reset()
+        identity.forget_all()
