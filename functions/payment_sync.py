@@ -27,8 +27,11 @@ async def sync_payment(client: YooKassaClient, provider_payment_id: str) -> Appl
     result = await payments.apply_provider_status(
         provider.id, provider.status, amount=provider.amount, currency=provider.currency
     )
-    if result.payment is not None and not result.changed and provider.status == "succeeded" and (
-        result.payment.amount != provider.amount or result.payment.currency != provider.currency
+    if (
+        result.payment is not None
+        and not result.changed
+        and provider.status == "succeeded"
+        and (result.payment.amount != provider.amount or result.payment.currency != provider.currency)
     ):
         # never credited; an operator must look at it
         log.error("payment %s: provider amount differs from ours; not credited", result.payment.id)
