@@ -83,6 +83,14 @@ def metric_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
     return [json.loads(r.getMessage()) for r in caplog.records if r.name == "dreamlens.metrics"]
 
 
+def metric_names(caplog: pytest.LogCaptureFixture) -> list[list[str]]:
+    """The metrics each EMF line declares, line by line."""
+    return [
+        [metric["Name"] for metric in line["_aws"]["CloudWatchMetrics"][0]["Metrics"]]
+        for line in metric_lines(caplog)
+    ]
+
+
 # ------------------------------------------------------------- database
 
 
