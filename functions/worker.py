@@ -82,7 +82,11 @@ class GenerationResult(RequestModel):
 
 @endpoint(auth="callback", request=Claim, response=ClaimedPage)
 async def claim(request: Request) -> Response:
-    """Claim up to `limit` pending generations for `lease_seconds`, oldest first."""
+    """Claim up to `limit` pending generations for `lease_seconds`, oldest first.
+
+    403 for a wrong or missing X-Callback-Secret, and for every caller while
+    GENERATION_CALLBACK_SECRET is unset.
+    """
     check_callback_secret(request)
     no_query_params(request)
     body = await read_json(request, Claim)
@@ -96,6 +100,8 @@ async def record_result(request: Request) -> Response:
     """Report a generation `succeeded` (with its image_key) or `failed` (refunded once).
 
     A finished generation is answered unchanged; an unknown or malformed id is 404.
+    403 for a wrong or missing X-Callback-Secret, and for every caller while
+    GENERATION_CALLBACK_SECRET is unset.
     """
     check_callback_secret(request)
     no_query_params(request)
