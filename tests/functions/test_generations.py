@@ -18,6 +18,7 @@ import pytest
 import requests
 from moto import mock_aws
 
+from database import config
 from functions import generations as generations_function
 from functions import settings
 from functions.generations import handler
@@ -33,7 +34,7 @@ from tests.functions.callers import (
     metric_names,
     round_trips,
 )
-from tests.functions.lambda_events import EVENT_BUILDERS, Invocation, invoke
+from tests.functions.lambda_events import EVENT_BUILDERS, Invocation, LambdaRuntime, invoke
 
 VERSIONS = sorted(EVENT_BUILDERS)
 NEW_FIELDS = {"id", "status", "cost", "balance", "prompt", "quality", "created_at"}
@@ -344,6 +345,34 @@ async def test_a_linked_device_is_403_device_linked(version: str, admin: asyncpg
     assert response.status == 403
     assert response.body["error"] == "device_linked"
     assert await fingerprint(admin) == before
+
+
+# nothing listens on port 1: the connection is refused at once
+UNREACHABLE = "postgresql://dreamlens@127.0.0.1:1/dreamlens"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_a_database_that_is_down_is_503_applies_nothing_and_the_retry_succeeds(
+    version: str, admin: asyncpg.Connection, schema: str, lambda_runtime: LambdaRuntime
+) -> None:
+    user_id = await device_user(admin)
+    assert (await post(version, {"prompt": "warm up"})).status == 201  # the caller is cached
+    before = await fingerprint(admin)
+    config.configure(url=UNREACHABLE)
+    await lambda_runtime.close_pool()  # the database went away with every connection
+    headers = {**device(DEVICE), "Idempotency-Key": "retry-me"}
+    down = await post(version, {"prompt": "a red fox"}, headers)
+    assert down.status == 503
+    assert down.body == {"error": "unavailable", "message": "Database unavailable"}
+    assert int(down.headers["retry-after"]) >= 1
+    assert await fingerprint(admin) == before
+
+    config.configure(url=schema)  # back: no restart, the client retries with its key
+    up = await post(version, {"prompt": "a red fox"}, headers)
+    assert up.status == 201
+    assert (await post(version, {"prompt": "a red fox"}, headers)).body == up.body
+    assert len(await spends(admin, user_id)) == 2
+    assert await db.audit_problems(admin) == []
 
 
 # --------------------------------------------------------- GET /api/generations
