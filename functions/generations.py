@@ -7,6 +7,9 @@ header the request gets a fresh key here, so sql() retrying the statement
 after a dropped connection still applies it once. A repeat with the same key
 answers 201 with the first response's body (status `pending`, the balance
 right after that spend), however far the generation has moved since.
+The query, headers and body are checked before the caller is resolved, so
+bad input writes nothing, not even a first-seen device (a bad request
+without an identity hears about its input before the 401).
 
 Generation ids in paths are UUIDs; anything else matches no route and is a
 404, as is another user's generation.
