@@ -38,6 +38,7 @@ from functions import settings
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
+
     from repositories.users import User
 
 LEEWAY_SECONDS = 5
