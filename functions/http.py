@@ -2,6 +2,7 @@
 
     body = await read_json(request, CreateGeneration)   # 400 unreadable, 422 invalid
     limit, before = page_params(request, cursor=UUID)   # 422 for anything else
+    no_query_params(request)                            # 422 for any query parameter
     key = idempotency_key(request)                      # None, or 1-200 printable ASCII
     return json_response(generation, status=201)
 
@@ -154,6 +155,15 @@ def page_params(request: Request, cursor: type[C] = str) -> Page:  # type: ignor
     raw_before = params.get("before")
     before = _cursor(raw_before, cursor) if raw_before is not None else None
     return Page(limit, before)
+
+
+def no_query_params(request: Request) -> None:
+    """Refuse any query parameter on an endpoint that takes none (422), as a
+    list refuses anything but `limit` and `before`: `?quality=hd` on a POST
+    must not pass silently as the default."""
+    names = list(request.query_params)
+    if names:
+        raise _query_error(names[0], "is not accepted here", "extra_forbidden")
 
 
 def _header_error(name: str, message: str, kind: str) -> InvalidRequest:

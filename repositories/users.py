@@ -75,6 +75,34 @@ async def get_user(user_id: UUID, db: Executor = sql) -> User:
     return _user(row)
 
 
+class BalanceAndPlan(BaseModel):
+    balance: int
+    plan: str
+
+
+GET_BALANCE_AND_PLAN = """
+-- name: get_balance_and_plan
+-- what GET /api/user adds to the caller, in one statement: the wallet as it
+-- is now (never the display cache) and the active, unexpired plan, else free
+select t.balance,
+       coalesce((select s.plan
+                   from subscriptions s
+                  where s.user_id = t.user_id
+                    and s.status = 'active'
+                    and s.current_period_end > now()), 'free') as plan
+  from user_tokens t
+ where t.user_id = $1
+"""
+
+
+async def get_balance_and_plan(user_id: UUID, db: Executor = sql) -> BalanceAndPlan:
+    """The user's balance, read fresh, and plan id (`free` without an active one)."""
+    row = await db.fetchrow(GET_BALANCE_AND_PLAN, user_id)
+    if row is None:
+        raise NotFound("No such user")
+    return BalanceAndPlan(balance=row["balance"], plan=row["plan"])
+
+
 GET_OR_CREATE_CLERK_USER = """
 -- name: get_or_create_clerk_user
 -- One round trip and no write when the user exists: the insert runs only when

@@ -196,6 +196,16 @@ class LambdaRuntime:
         )
         return parse_response(response)
 
+    async def close_pool(self) -> None:
+        """Drop the warm container's pool (its connections gone, as when the
+        database restarts): the next invocation makes a new one from the
+        current settings. Caches (identity, balances) stay warm."""
+        if self.loop is not None and pool._pool_loop is self.loop:
+            runtime_loop = self.loop
+            await asyncio.get_running_loop().run_in_executor(
+                self._thread, lambda: runtime_loop.run_until_complete(pool.close_pool())
+            )
+
     def _close_on_runtime_loop(self) -> None:
         assert self.loop is not None
         if pool._pool_loop is self.loop:

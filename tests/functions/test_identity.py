@@ -1,10 +1,9 @@
 """Identity: Clerk session tokens verified locally, device ids, the caller's
 source IP, and the glue that turns them into a user (with its 30 s cache).
 
-The users repository (repositories/users.py) is replaced here by an
-in-memory fake with the same two functions, so these tests pin the glue:
-what is passed, what is cached, which errors surface. The repository's own
-SQL is tested against PostgreSQL in tests/repositories/.
+Callers are resolved by the real users repository on the real database;
+what identity adds is asserted on what the database holds and on the round
+trips each request's log line counted (the warm cache costs none).
 """
 
 from __future__ import annotations
@@ -14,14 +13,10 @@ import hashlib
 import hmac
 import json
 import logging
-import sys
 import time
-import types
-import uuid
-from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -30,17 +25,17 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from mangum import Mangum
-from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-import repositories
-from database import DeviceLinked, RateLimited, Unauthorized
+from database import Unauthorized
 from functions import identity, settings
 from functions.app import build_app
 from functions.http import json_response
-from tests.functions.lambda_events import EVENT_BUILDERS, invoke
+from repositories import users
+from tests import db
+from tests.functions.lambda_events import EVENT_BUILDERS, Invocation, invoke
 
 ISSUER = "https://clerk.dreamlens.example"
 VERSIONS = sorted(EVENT_BUILDERS)
@@ -222,61 +217,7 @@ def test_no_token_is_anything_but_valid_or_unauthorized(clerk: rsa.RSAPrivateKey
         identity.verify_session_token(token)
 
 
-# ----------------------------------------------------- users (a fake repo)
-
-
-class User(BaseModel):
-    """The shape repositories/users.py returns."""
-
-    id: uuid.UUID
-    clerk_id: str | None = None
-    device_id: str | None = None
-    email: str | None = None
-    created_at: datetime
-    linked_to_user_id: uuid.UUID | None = None
-    created: bool = False
-
-
-class FakeUsers(types.ModuleType):
-    """repositories.users in memory: the two functions identity.py calls."""
-
-    def __init__(self) -> None:
-        super().__init__("repositories.users")
-        self.User = User
-        self.users: dict[tuple[str, str], User] = {}
-        self.calls: list[tuple[Any, ...]] = []
-        self.linked: set[str] = set()
-        self.limited_ips: set[str | None] = set()
-
-    def _get_or_create(self, kind: str, key: str, **fields: Any) -> User:
-        existing = self.users.get((kind, key))
-        if existing is not None:
-            return existing.model_copy(update={"created": False})
-        user = User(id=uuid.uuid4(), created_at=datetime.now(UTC), created=True, **fields)
-        self.users[(kind, key)] = user
-        return user
-
-    async def get_or_create_clerk_user(self, clerk_id: str, email: str | None = None) -> User:
-        self.calls.append(("clerk", clerk_id, email))
-        return self._get_or_create("clerk", clerk_id, clerk_id=clerk_id, email=email)
-
-    async def get_or_create_device_user(
-        self, device_id: str, source_ip: str | None, signups_per_ip_per_hour: int
-    ) -> User:
-        self.calls.append(("device", device_id, source_ip, signups_per_ip_per_hour))
-        if device_id in self.linked:
-            raise DeviceLinked("This device was linked to an account: sign in")
-        if ("device", device_id) not in self.users and source_ip in self.limited_ips:
-            raise RateLimited("Too many new anonymous users from this address", retry_after=3600)
-        return self._get_or_create("device", device_id, device_id=device_id)
-
-
-@pytest.fixture
-def users(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeUsers]:
-    fake = FakeUsers()
-    monkeypatch.setitem(sys.modules, "repositories.users", fake)
-    monkeypatch.setattr(repositories, "users", fake, raising=False)
-    yield fake
+# ------------------------------------------- users (the real repository)
 
 
 async def whoami(request: Request) -> Response:
@@ -307,44 +248,73 @@ handler = Mangum(app, lifespan="off")
 DEVICE = "device_ABC-123_xyz"
 
 
+async def whoami_as(version: str, headers: dict[str, str], **event: Any) -> Invocation:
+    return await invoke(handler, EVENT_BUILDERS[version]("GET", "/test/whoami", headers=headers, **event))
+
+
+async def user_rows(admin: asyncpg.Connection) -> list[tuple[Any, ...]]:
+    rows = await admin.fetch("select clerk_id, device_id, email from users order by created_at, id")
+    return [tuple(row) for row in rows]
+
+
+def request_round_trips(caplog: pytest.LogCaptureFixture) -> list[int]:
+    """Round trips of each request so far, from its log line (the handler runs
+    on the Lambda runtime's thread, where the line is counted and written)."""
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "dreamlens.request"]
+    return [line["db_round_trips"] for line in lines]
+
+
+async def link_device_in_database(admin: asyncpg.Connection, device: str) -> None:
+    """What link-device does in the database (the repository, not the endpoint)."""
+    account = await db.insert_user(admin, clerk_id="user_owner")
+    await users.link_device(account, device)
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_valid_clerk_token_resolves_the_clerk_user(
-    version: str, clerk: rsa.RSAPrivateKey, users: FakeUsers
+    version: str, clerk: rsa.RSAPrivateKey, admin: asyncpg.Connection
 ) -> None:
-    headers = {"Authorization": f"Bearer {sign(clerk, email='ann@example.com')}"}
-    response = await invoke(handler, EVENT_BUILDERS[version]("GET", "/test/whoami", headers=headers))
+    response = await whoami_as(version, {"Authorization": f"Bearer {sign(clerk, email='ann@example.com')}"})
     assert response.status == 200
     assert response.body["clerk_id"] == "user_2abcDEF"
     assert response.body["created"] is True
-    assert users.calls == [("clerk", "user_2abcDEF", "ann@example.com")]
+    assert await user_rows(admin) == [("user_2abcDEF", None, "ann@example.com")]
+    assert response.body["id"] == str(await admin.fetchval("select id from users"))
 
 
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_device_id_resolves_the_device_user_with_ip_and_limit(
-    version: str, users: FakeUsers, monkeypatch: pytest.MonkeyPatch
+    version: str, admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("ANON_SIGNUPS_PER_IP_PER_HOUR", "7")
     settings.reset()
-    event = EVENT_BUILDERS[version]("GET", "/test/whoami", headers={"X-Device-Id": DEVICE})
-    response = await invoke(handler, event)
+    response = await whoami_as(version, {"X-Device-Id": DEVICE})
     assert response.status == 200
     assert response.body["device_id"] == DEVICE
-    assert users.calls == [("device", DEVICE, "192.168.0.1", 7)]
+    assert await user_rows(admin) == [(None, DEVICE, None)]
+    # the signup is counted against the address API Gateway saw
+    ips = await admin.fetch("select host(source_ip) as ip from usage_logs where action = 'signup'")
+    assert [row["ip"] for row in ips] == ["192.168.0.1"]
+    # and the configured limit is the one applied: 6 more pass, the 8th is refused
+    for n in range(6):
+        assert (await whoami_as(version, {"X-Device-Id": f"device_more_{n:04d}"})).status == 200
+    assert (await whoami_as(version, {"X-Device-Id": "device_over_the_limit"})).status == 429
 
 
-async def test_default_signup_limit_is_five(users: FakeUsers) -> None:
-    await invoke(handler, EVENT_BUILDERS["v2"]("GET", "/test/whoami", headers={"X-Device-Id": DEVICE}))
-    assert users.calls[0][3] == 5
+async def test_default_signup_limit_is_five(admin: asyncpg.Connection) -> None:
+    for n in range(5):
+        assert (await whoami_as("v2", {"X-Device-Id": f"device_new_{n:04d}"})).status == 200
+    assert (await whoami_as("v2", {"X-Device-Id": "device_one_too_many"})).status == 429
+    assert len(await user_rows(admin)) == 5
 
 
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_both_headers_mean_the_clerk_user(
-    version: str, clerk: rsa.RSAPrivateKey, users: FakeUsers
+    version: str, clerk: rsa.RSAPrivateKey, admin: asyncpg.Connection
 ) -> None:
-    headers = {"Authorization": f"Bearer {sign(clerk)}", "X-Device-Id": DEVICE}
-    response = await invoke(handler, EVENT_BUILDERS[version]("GET", "/test/whoami", headers=headers))
+    response = await whoami_as(version, {"Authorization": f"Bearer {sign(clerk)}", "X-Device-Id": DEVICE})
     assert response.body["clerk_id"] == "user_2abcDEF"
-    assert [call[0] for call in users.calls] == ["clerk"]
+    assert await user_rows(admin) == [("user_2abcDEF", None, None)]
 
 
 def bad_tokens(clerk: rsa.RSAPrivateKey, foreign: rsa.RSAPrivateKey, public_pem: str) -> dict[str, str]:
@@ -372,27 +342,28 @@ async def test_bad_token_is_401_even_with_a_device_id(
     clerk: rsa.RSAPrivateKey,
     clerk_key: tuple[rsa.RSAPrivateKey, str],
     foreign_key: tuple[rsa.RSAPrivateKey, str],
-    users: FakeUsers,
+    admin: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="dreamlens.request")
     token = bad_tokens(clerk, foreign_key[0], clerk_key[1])[case]
-    headers = {"Authorization": f"Bearer {token}", "X-Device-Id": DEVICE}
-    response = await invoke(handler, EVENT_BUILDERS[version]("GET", "/test/whoami", headers=headers))
+    response = await whoami_as(version, {"Authorization": f"Bearer {token}", "X-Device-Id": DEVICE})
     assert response.status == 401
     assert response.body["error"] == "unauthorized"
-    assert users.calls == []
+    assert await user_rows(admin) == []
+    assert request_round_trips(caplog) == [0]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
 async def test_wrong_issuer_and_wrong_azp_are_401(
-    version: str, clerk: rsa.RSAPrivateKey, users: FakeUsers, monkeypatch: pytest.MonkeyPatch
+    version: str, clerk: rsa.RSAPrivateKey, admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CLERK_ISSUER", ISSUER)
     monkeypatch.setenv("CLERK_AUTHORIZED_PARTIES", "https://app.dreamlens.example")
     settings.reset()
     for token in (sign(clerk, iss="https://evil.example"), sign(clerk, azp="https://evil.example")):
-        event = EVENT_BUILDERS[version]("GET", "/test/whoami", headers={"Authorization": f"Bearer {token}"})
-        assert (await invoke(handler, event)).status == 401
-    assert users.calls == []
+        assert (await whoami_as(version, {"Authorization": f"Bearer {token}"})).status == 401
+    assert await user_rows(admin) == []
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -405,57 +376,65 @@ async def test_wrong_issuer_and_wrong_azp_are_401(
         pytest.param({"X-Device-Id": "device id with spaces"}, id="device_spaces"),
         pytest.param({"X-Device-Id": "device/../../etc"}, id="device_slashes"),
         pytest.param({"X-Device-Id": ""}, id="device_empty"),
+        pytest.param({"X-Device-Id": "device' or '1'='1"}, id="device_sql"),
         pytest.param({"Authorization": "Basic dXNlcjpwYXNz"}, id="basic_auth"),
         pytest.param({"Authorization": "Bearer "}, id="empty_bearer"),
         pytest.param({"Authorization": "Bearer", "X-Device-Id": DEVICE}, id="bearer_without_token"),
     ],
 )
 async def test_missing_or_malformed_identity_is_401(
-    version: str, headers: dict[str, str], clerk: rsa.RSAPrivateKey, users: FakeUsers
+    version: str, headers: dict[str, str], clerk: rsa.RSAPrivateKey, admin: asyncpg.Connection
 ) -> None:
-    response = await invoke(handler, EVENT_BUILDERS[version]("GET", "/test/whoami", headers=headers))
+    response = await whoami_as(version, headers)
     assert response.status == 401
     assert response.body["error"] == "unauthorized"
-    assert users.calls == []
+    assert await user_rows(admin) == []
 
 
 async def test_clerk_without_a_configured_key_is_a_logged_500_not_a_pass(
-    users: FakeUsers,
     monkeypatch: pytest.MonkeyPatch,
     clerk_key: tuple[rsa.RSAPrivateKey, str],
+    admin: asyncpg.Connection,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     monkeypatch.delenv("CLERK_JWT_KEY", raising=False)
     settings.reset()
-    headers = {"Authorization": f"Bearer {sign(clerk_key[0])}"}
-    response = await invoke(handler, EVENT_BUILDERS["v2"]("GET", "/test/whoami", headers=headers))
+    response = await whoami_as("v2", {"Authorization": f"Bearer {sign(clerk_key[0])}"})
     assert response.status == 500
     assert any("CLERK_JWT_KEY" in str(r.exc_info[1]) for r in caplog.records if r.exc_info)
+    assert await user_rows(admin) == []
 
 
-async def test_linked_device_is_403_device_linked(users: FakeUsers) -> None:
-    users.linked.add(DEVICE)
-    response = await invoke(
-        handler, EVENT_BUILDERS["v1"]("GET", "/test/whoami", headers={"X-Device-Id": DEVICE})
-    )
+async def test_linked_device_is_403_device_linked(admin: asyncpg.Connection) -> None:
+    await db.insert_user(admin, device_id=DEVICE)
+    await link_device_in_database(admin, DEVICE)
+    response = await whoami_as("v1", {"X-Device-Id": DEVICE})
     assert response.status == 403
     assert response.body["error"] == "device_linked"
 
 
-async def test_signup_limit_is_429_with_retry_after(users: FakeUsers) -> None:
-    users.limited_ips.add("203.0.113.9")
-    event = EVENT_BUILDERS["v2"](
-        "GET", "/test/whoami", headers={"X-Device-Id": DEVICE}, source_ip="203.0.113.9"
+async def test_signup_limit_is_429_with_retry_after(admin: asyncpg.Connection) -> None:
+    # five signups from this address 59 minutes ago: the oldest leaves the
+    # window in a minute
+    await admin.execute(
+        "insert into usage_logs (action, source_ip, created_at)"
+        " select 'signup', '203.0.113.9', now() - interval '59 minutes' from generate_series(1, 5)"
     )
-    response = await invoke(handler, event)
+    response = await whoami_as("v2", {"X-Device-Id": DEVICE}, source_ip="203.0.113.9")
     assert response.status == 429
     assert response.body["error"] == "rate_limited"
-    assert response.headers["retry-after"] == "3600"
+    assert 1 <= int(response.headers["retry-after"]) <= 60
+    assert await user_rows(admin) == []
+    # another address is not limited
+    assert (await whoami_as("v2", {"X-Device-Id": DEVICE}, source_ip="203.0.113.10")).status == 200
 
 
-async def test_require_clerk_user_refuses_a_device_alone(clerk: rsa.RSAPrivateKey, users: FakeUsers) -> None:
+async def test_require_clerk_user_refuses_a_device_alone(
+    clerk: rsa.RSAPrivateKey, admin: asyncpg.Connection
+) -> None:
     device_only = EVENT_BUILDERS["v2"]("GET", "/test/clerk-only", headers={"X-Device-Id": DEVICE})
     assert (await invoke(handler, device_only)).status == 401
+    assert await user_rows(admin) == []
     signed_in = EVENT_BUILDERS["v2"](
         "GET", "/test/clerk-only", headers={"Authorization": f"Bearer {sign(clerk)}"}
     )
@@ -463,12 +442,10 @@ async def test_require_clerk_user_refuses_a_device_alone(clerk: rsa.RSAPrivateKe
 
 
 async def test_identified_user_is_in_the_log_line_but_not_the_device_id(
-    users: FakeUsers, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    response = await invoke(
-        handler, EVENT_BUILDERS["v2"]("GET", "/test/whoami", headers={"X-Device-Id": DEVICE})
-    )
+    response = await whoami_as("v2", {"X-Device-Id": DEVICE})
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "dreamlens.request"]
     assert lines[0]["user_id"] == response.body["id"]
     assert DEVICE not in caplog.text
@@ -477,46 +454,54 @@ async def test_identified_user_is_in_the_log_line_but_not_the_device_id(
 # ------------------------------------------------------------ identity cache
 
 
-async def test_warm_repeat_caller_costs_no_repository_call(
-    clerk: rsa.RSAPrivateKey, users: FakeUsers
+async def test_warm_repeat_caller_costs_no_round_trip(
+    clerk: rsa.RSAPrivateKey, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="dreamlens.request")
     headers = {"Authorization": f"Bearer {sign(clerk)}"}
-    first = await invoke(handler, EVENT_BUILDERS["v2"]("GET", "/test/whoami", headers=headers))
-    second = await invoke(handler, EVENT_BUILDERS["v2"]("GET", "/test/whoami", headers=headers))
+    first = await whoami_as("v2", headers)
+    second = await whoami_as("v2", headers)
     assert first.body["id"] == second.body["id"]
     assert (first.body["created"], second.body["created"]) == (True, False)
-    assert len(users.calls) == 1
+    # get-or-create is one round trip; the warm repeat is served from the cache
+    assert request_round_trips(caplog) == [1, 0]
 
 
 async def test_cached_caller_expires_after_thirty_seconds(
-    users: FakeUsers, monkeypatch: pytest.MonkeyPatch
+    admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="dreamlens.request")
+    await db.insert_user(admin, device_id=DEVICE)
     now = [1000.0]
     monkeypatch.setattr(identity, "clock", lambda: now[0])
-    event = EVENT_BUILDERS["v2"]("GET", "/test/whoami", headers={"X-Device-Id": DEVICE})
-    await invoke(handler, event)
+    await whoami_as("v2", {"X-Device-Id": DEVICE})
     now[0] += 29
-    await invoke(handler, event)
-    assert len(users.calls) == 1
+    await whoami_as("v2", {"X-Device-Id": DEVICE})
     now[0] += 2
-    await invoke(handler, event)
-    assert len(users.calls) == 2
+    await whoami_as("v2", {"X-Device-Id": DEVICE})
+    assert request_round_trips(caplog) == [1, 0, 1]
 
 
-async def test_forget_identity_makes_a_linked_device_fail_at_once(users: FakeUsers) -> None:
-    event = EVENT_BUILDERS["v2"]("GET", "/test/whoami", headers={"X-Device-Id": DEVICE})
-    assert (await invoke(handler, event)).status == 200
-    users.linked.add(DEVICE)  # what link-device does in the database
-    identity.forget_identity(device_id=DEVICE)  # and here
-    assert (await invoke(handler, event)).status == 403
+async def test_forget_identity_makes_a_linked_device_fail_at_once(admin: asyncpg.Connection) -> None:
+    assert (await whoami_as("v2", {"X-Device-Id": DEVICE})).status == 200
+    await link_device_in_database(admin, DEVICE)
+    # the warm cache still answers for the device...
+    assert (await whoami_as("v2", {"X-Device-Id": DEVICE})).status == 200
+    identity.forget_identity(device_id=DEVICE)  # ...until link-device forgets it
+    assert (await whoami_as("v2", {"X-Device-Id": DEVICE})).status == 403
 
 
-async def test_refused_callers_are_not_cached(users: FakeUsers) -> None:
-    users.linked.add(DEVICE)
-    event = EVENT_BUILDERS["v2"]("GET", "/test/whoami", headers={"X-Device-Id": DEVICE})
-    await invoke(handler, event)
-    await invoke(handler, event)
-    assert len(users.calls) == 2
+async def test_refused_callers_are_not_cached(
+    admin: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dreamlens.request")
+    await db.insert_user(admin, device_id=DEVICE)
+    await link_device_in_database(admin, DEVICE)
+    first = await whoami_as("v2", {"X-Device-Id": DEVICE})
+    second = await whoami_as("v2", {"X-Device-Id": DEVICE})
+    assert (first.status, second.status) == (403, 403)
+    # each refusal asked the database again
+    assert request_round_trips(caplog) == [1, 1]
 
 
 # ----------------------------------------------------------------- source IP

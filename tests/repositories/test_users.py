@@ -114,6 +114,34 @@ async def test_get_user(admin: asyncpg.Connection) -> None:
         await users.get_user(uuid.uuid4())
 
 
+async def test_balance_and_plan_in_one_round_trip(admin: asyncpg.Connection) -> None:
+    user_id = await db.insert_user(admin, clerk_id="user_standing")
+    with stats.collect() as counted:
+        standing = await users.get_balance_and_plan(user_id)
+    assert counted.round_trips == 1
+    assert standing == users.BalanceAndPlan(balance=10, plan="free")
+
+
+async def test_balance_and_plan_sees_only_an_active_unexpired_plan(admin: asyncpg.Connection) -> None:
+    user_id = await db.insert_user(admin, clerk_id="user_planned")
+    await admin.execute(
+        "insert into subscriptions (user_id, plan, status, current_period_start, current_period_end)"
+        " values ($1, 'premium', 'expired', now() - interval '40 days', now() - interval '10 days'),"
+        "        ($1, 'pro', 'active', now() - interval '31 days', now() - interval '1 day')",
+        user_id,
+    )
+    assert (await users.get_balance_and_plan(user_id)).plan == "free"
+    await admin.execute(
+        "update subscriptions set current_period_end = now() + interval '1 day' where status = 'active'"
+    )
+    assert (await users.get_balance_and_plan(user_id)).plan == "pro"
+
+
+async def test_balance_and_plan_of_no_user_is_not_found() -> None:
+    with pytest.raises(NotFound):
+        await users.get_balance_and_plan(uuid.uuid4())
+
+
 # ----------------------------------------------------------- device users
 
 
