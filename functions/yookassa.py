@@ -533,6 +533,20 @@ def _provider_payment(data: dict[str, Any]) -> ProviderPayment:
 
 
 _default: YooKassaClient | None = None
+# closings of replaced clients still running (a task nobody holds may be collected)
+_retiring: set[asyncio.Task[None]] = set()
+
+
+def _retire(client: YooKassaClient) -> None:
+    """Close a replaced client's connections on their loop, in the background."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    if client._http is not None and client._loop is loop:
+        task = loop.create_task(client.aclose())
+        _retiring.add(task)
+        task.add_done_callback(_retiring.discard)
 
 
 def default_client() -> YooKassaClient:
@@ -541,6 +555,8 @@ def default_client() -> YooKassaClient:
     global _default
     wanted = YooKassaSettings.from_env()
     if _default is None or _default.settings != wanted:
+        if _default is not None:
+            _retire(_default)
         _default = YooKassaClient(wanted)
     return _default
 

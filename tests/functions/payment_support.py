@@ -156,5 +156,7 @@ def webhook_outcomes(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 def capture_logs(caplog: pytest.LogCaptureFixture) -> None:
+    """Request and metric lines from here on (what came before is dropped)."""
     caplog.set_level(logging.INFO, logger="dreamlens.request")
     caplog.set_level(logging.INFO, logger="dreamlens.metrics")
+    caplog.clear()

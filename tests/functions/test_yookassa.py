@@ -3,6 +3,7 @@ amounts, trusted sources, and the client against the fake over real HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import socket
@@ -20,13 +21,14 @@ from hypothesis import strategies as st
 from moto import mock_aws
 
 from database import ConfigurationError, InvalidRequest, ProviderUnavailable
-from functions import settings
+from functions import settings, yookassa
 from functions.fake_yookassa import FakeYooKassa, start_fake_yookassa
 from functions.yookassa import (
     TRUSTED_NETWORKS,
     YooKassaClient,
     YooKassaSettings,
     amount_to_minor_units,
+    close_default_client,
     default_client,
     idempotence_key,
     is_trusted_source,
@@ -535,6 +537,28 @@ def test_the_default_client_is_kept_until_the_settings_change(monkeypatch: pytes
     settings.reset()
     second = default_client()
     assert second is not first and second.settings.secret_key == "test_two"
+
+
+async def test_a_replaced_default_client_closes_its_connections(
+    fake: FakeYooKassa, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("YOOKASSA_SHOP_ID", fake.shop_id)
+    monkeypatch.setenv("YOOKASSA_SECRET_KEY", fake.secret_key)
+    monkeypatch.setenv("YOOKASSA_API_URL", fake.api_url)
+    settings.reset()
+    old = default_client()
+    with pytest.raises(InvalidRequest):
+        await old.get_payment("22d6d597-000f-5000-9000-145f6df21d6f")  # a connection is open now
+    http = old._client()
+    monkeypatch.setenv("YOOKASSA_SECRET_KEY", "test_rotated")
+    settings.reset()
+    new = default_client()
+    try:
+        assert new is not old
+        await asyncio.gather(*yookassa._retiring)  # the closing runs in the background
+        assert http.is_closed
+    finally:
+        await close_default_client()
 
 
 class RemainingTime:
