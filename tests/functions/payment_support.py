@@ -4,6 +4,7 @@ the provider, requests to the handlers, and reading the books back."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import logging
@@ -16,7 +17,8 @@ import asyncpg
 import pytest
 
 from functions import payments, settings, webhook
-from functions.fake_yookassa import FakeYooKassa, start_fake_yookassa
+from functions.app import build_app
+from functions.fake_yookassa import FakeYooKassa, InProcessServer, serve_in_process, start_fake_yookassa
 from tests.functions.lambda_events import EVENT_BUILDERS, Invocation, invoke
 
 EVENTS = Path(__file__).parent.parent / "events" / "yookassa"
@@ -75,6 +77,26 @@ async def running_fake() -> AsyncIterator[FakeYooKassa]:
         yield started
     finally:
         await started.stop()
+
+
+@pytest.fixture(scope="module")
+async def payments_server() -> AsyncIterator[InProcessServer]:
+    """The payments and webhook functions' app on localhost, as `dreamlens
+    serve` runs it: requests come over real HTTP and are served on the test's
+    loop (so the pool and the YooKassa client live there too)."""
+    server = await serve_in_process(build_app([*payments.routes, *webhook.routes]))
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+async def release_together(fake: FakeYooKassa, path: str, count: int) -> None:
+    """Hold YooKassa's answers on `path` until `count` requests are waiting for
+    them, then answer them all at once: racers are certain to overlap."""
+    while len(fake.requests_to("GET", path)) < count:
+        await asyncio.sleep(0.005)
+    fake.recover()
 
 
 def configure_provider(monkeypatch: pytest.MonkeyPatch, fake: FakeYooKassa) -> None:
