@@ -33,7 +33,6 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from database import InvalidRequest, ProviderUnavailable
-from functions import yookassa
 from functions.app import build_app
 from functions.http import RequestModel, idempotency_key, json_response, read_json
 from functions.identity import current_user
@@ -114,6 +113,10 @@ def _description(payment: Payment) -> str:
 
 
 async def _create_at_provider(request: Request, payment: Payment) -> Payment:
+    # imported here: httpx is most of its import cost, and a cold start that
+    # serves GET /api/packages or GET /api/payments/{id} never needs it
+    from functions import yookassa
+
     client = yookassa.default_client()
     with yookassa.time_budget(yookassa.lambda_budget(request.scope.get("aws.context"))):
         try:

@@ -6,6 +6,8 @@ it back, and the provider failing on the way."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -358,6 +360,15 @@ async def test_a_warm_create_costs_few_round_trips(
 
 
 # ---------------------------------------------------------------- contracts
+
+
+def test_reading_payments_does_not_import_the_yookassa_client() -> None:
+    """A cold start that only lists packages or reads a payment skips httpx."""
+    code = (
+        "import sys, functions.payments; print('functions.yookassa' in sys.modules, 'httpx' in sys.modules)"
+    )
+    shown = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert shown.stdout.split() == ["False", "False"]
 
 
 def test_each_module_serves_exactly_its_serverless_routes() -> None:
