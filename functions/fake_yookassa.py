@@ -474,6 +474,9 @@ async def serve_in_process(app: Any, port: int = 0, host: str = "127.0.0.1") -> 
         ws="none",
         http="h11",
         timeout_graceful_shutdown=1,
+        # uvicorn would otherwise take X-Forwarded-For from a localhost peer as
+        # the client's address, and the webhook trusts callers by address
+        proxy_headers=False,
     )
     server = _Embedded(config)
     task = asyncio.create_task(server.serve())

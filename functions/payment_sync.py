@@ -36,6 +36,9 @@ async def sync_payment(client: YooKassaClient, provider_payment_id: str) -> Appl
         # never credited; an operator must look at it
         log.error("payment %s: provider amount differs from ours; not credited", result.payment.id)
         metrics.emit({"PaymentAmountMismatch": 1})
+    if result.changed and result.credited_tokens > 0:
+        # counted here, not by the caller: webhook and reconciler credits alike
+        metrics.emit({"TokensCredited": result.credited_tokens})
     return result
 
 
@@ -53,4 +56,7 @@ async def sync_refund(client: YooKassaClient, provider_refund_id: str) -> ApplyR
         return UNCHANGED
     if local.status in ("pending", "waiting_for_capture"):
         await sync_payment(client, refund.payment_id)
-    return await payments.apply_refund(refund.payment_id, refund.id, refund.amount)
+    result = await payments.apply_refund(refund.payment_id, refund.id, refund.amount)
+    if result.changed and result.credited_tokens < 0:
+        metrics.emit({"TokensReversed": -result.credited_tokens})
+    return result

@@ -21,21 +21,29 @@ What the provider's documentation says, and what this module does about it:
 * Notifications are `{"type": "notification", "event": "<object>.<status>",
   "object": {...}}`. They carry no signature: the webhook checks the source
   IP against the published networks and re-reads the status from the API.
+
+Configuration (shop id, secret key, API URL, return URL, trusted networks)
+is read through functions/settings.py, so the secret key may come from
+Secrets Manager (`YOOKASSA_SECRET_KEY_SECRET_ARN`).
+
+A request handler calls the provider inside `time_budget(...)`: a Lambda is
+stopped at its timeout, and a provider call cut short by the budget is a
+ProviderUnavailable (503, the caller repeats) instead of a dead invocation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ipaddress
 import json
 import logging
-import os
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from functools import lru_cache
 from typing import Any
 from urllib.parse import quote
 
@@ -43,11 +51,12 @@ import httpx
 from pydantic import BaseModel
 
 from database import ConfigurationError, InvalidRequest, ProviderUnavailable
+from functions import settings
 from repositories.payments import Payment
 
 log = logging.getLogger(__name__)
 
-API_URL = "https://api.yookassa.ru/v3"
+API_URL = settings.DEFAULT_YOOKASSA_API_URL
 CONNECT_TIMEOUT = 3.0
 READ_TIMEOUT = 10.0
 MAX_ATTEMPTS = 3
@@ -60,17 +69,13 @@ MAX_DESCRIPTION = 128
 # YooKassa's published notification sources
 # (https://yookassa.ru/developers/using-api/webhooks, "IP addresses")
 TRUSTED_NETWORKS: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
-    ipaddress.ip_network(network)
-    for network in (
-        "185.71.76.0/27",
-        "185.71.77.0/27",
-        "77.75.153.0/25",
-        "77.75.156.11/32",
-        "77.75.156.35/32",
-        "77.75.154.128/25",
-        "2a02:5180::/32",
-    )
+    ipaddress.ip_network(network) for network in settings.DEFAULT_YOOKASSA_TRUSTED_NETWORKS
 )
+
+# A Lambda's provider calls end this long before the function is stopped, so
+# the database write and the response still fit; never less than MIN_BUDGET.
+RESPONSE_RESERVE_SECONDS = 3.0
+MIN_BUDGET_SECONDS = 1.0
 
 HANDLED_EVENTS = frozenset(
     {"payment.succeeded", "payment.waiting_for_capture", "payment.canceled", "refund.succeeded"}
@@ -209,17 +214,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 def trusted_networks() -> tuple[Network, ...]:
     """YOOKASSA_TRUSTED_NETWORKS (a comma list) when set, else the published ones."""
-    raw = os.environ.get("YOOKASSA_TRUSTED_NETWORKS", "").strip()
-    return _parse_networks(raw) if raw else TRUSTED_NETWORKS
-
-
-@lru_cache(maxsize=8)
-def _parse_networks(raw: str) -> tuple[Network, ...]:
-    try:
-        return tuple(ipaddress.ip_network(item.strip()) for item in raw.split(",") if item.strip())
-    except ValueError as exc:
-        # a typo here would silently refuse (or admit) every notification
-        raise ConfigurationError(f"YOOKASSA_TRUSTED_NETWORKS is not a list of networks: {exc}") from exc
+    return settings.yookassa_trusted_networks()
 
 
 def _address(ip: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -286,20 +281,22 @@ class YooKassaSettings:
 
     @classmethod
     def from_env(cls) -> YooKassaSettings:
-        shop_id = os.environ.get("YOOKASSA_SHOP_ID", "").strip()
-        secret_key = os.environ.get("YOOKASSA_SECRET_KEY", "").strip()
-        missing = [
-            name
-            for name, value in (("YOOKASSA_SHOP_ID", shop_id), ("YOOKASSA_SECRET_KEY", secret_key))
-            if not value
-        ]
-        if missing:
+        """From functions/settings.py: the environment, or Secrets Manager for
+        any `<NAME>_SECRET_ARN` (read once per cold start)."""
+        shop_id = settings.yookassa_shop_id()
+        secret_key = settings.yookassa_secret_key()
+        if shop_id is None or secret_key is None:
+            missing = [
+                name
+                for name, value in (("YOOKASSA_SHOP_ID", shop_id), ("YOOKASSA_SECRET_KEY", secret_key))
+                if value is None
+            ]
             raise ConfigurationError(f"Payments need {' and '.join(missing)}")
         return cls(
             shop_id=shop_id,
             secret_key=secret_key,
-            api_url=os.environ.get("YOOKASSA_API_URL", "").strip() or API_URL,
-            return_url=os.environ.get("YOOKASSA_RETURN_URL", "").strip() or None,
+            api_url=settings.yookassa_api_url(),
+            return_url=settings.yookassa_return_url(),
         )
 
 
@@ -307,6 +304,38 @@ def idempotence_key(payment: Payment) -> str:
     """The create call's Idempotence-Key: our payment id (a UUID, as the
     provider recommends), so every retry names the same provider payment."""
     return str(payment.id)
+
+
+# when the current request's provider calls must have ended (the loop's clock)
+_budget_ends: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "yookassa_budget_ends", default=None
+)
+
+
+def lambda_budget(lambda_context: object | None) -> float:
+    """Seconds the provider may take in this invocation: the Lambda's remaining
+    time less RESPONSE_RESERVE_SECONDS, at most DEADLINE_SECONDS (outside
+    Lambda, where there is no context, DEADLINE_SECONDS)."""
+    remaining = getattr(lambda_context, "get_remaining_time_in_millis", None)
+    if not callable(remaining):
+        return DEADLINE_SECONDS
+    try:
+        seconds = float(remaining()) / 1000
+    except (TypeError, ValueError):
+        return DEADLINE_SECONDS
+    return max(MIN_BUDGET_SECONDS, min(DEADLINE_SECONDS, seconds - RESPONSE_RESERVE_SECONDS))
+
+
+@contextmanager
+def time_budget(seconds: float) -> Iterator[None]:
+    """Provider calls made inside the block (in this task) give up with
+    ProviderUnavailable once `seconds` have passed. Database work in the block
+    is not cut: only the calls to YooKassa are bounded."""
+    token = _budget_ends.set(asyncio.get_running_loop().time() + seconds)
+    try:
+        yield
+    finally:
+        _budget_ends.reset(token)
 
 
 class YooKassaClient:
@@ -401,6 +430,22 @@ class YooKassaClient:
     async def _request(
         self, method: str, path: str, *, body: dict[str, Any] | None = None, key: str | None = None
     ) -> dict[str, Any]:
+        ends = _budget_ends.get()
+        if ends is None:
+            return await self._attempts(method, path, body, key)
+        budget = asyncio.timeout_at(ends)
+        try:
+            async with budget:
+                return await self._attempts(method, path, body, key)
+        except TimeoutError as exc:
+            if not budget.expired():
+                raise
+            log.warning("yookassa %s /%s: no answer within the request's time budget", method, path)
+            raise ProviderUnavailable("YooKassa did not answer in time") from exc
+
+    async def _attempts(
+        self, method: str, path: str, body: dict[str, Any] | None, key: str | None
+    ) -> dict[str, Any]:
         # repeating is safe only where the provider says so: a GET, or a POST
         # under the same Idempotence-Key
         repeatable = method == "GET" or key is not None
@@ -488,11 +533,35 @@ def _provider_payment(data: dict[str, Any]) -> ProviderPayment:
 
 
 _default: YooKassaClient | None = None
+# closings of replaced clients still running (a task nobody holds may be collected)
+_retiring: set[asyncio.Task[None]] = set()
+
+
+def _retire(client: YooKassaClient) -> None:
+    """Close a replaced client's connections on their loop, in the background."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    if client._http is not None and client._loop is loop:
+        task = loop.create_task(client.aclose())
+        _retiring.add(task)
+        task.add_done_callback(_retiring.discard)
 
 
 def default_client() -> YooKassaClient:
-    """The process's client, built from the environment on first use."""
+    """The process's client, built on first use from the settings; built anew
+    only when the settings changed (a test, or settings.reset())."""
     global _default
-    if _default is None:
-        _default = YooKassaClient.from_env()
+    wanted = YooKassaSettings.from_env()
+    if _default is None or _default.settings != wanted:
+        if _default is not None:
+            _retire(_default)
+        _default = YooKassaClient(wanted)
     return _default
+
+
+async def close_default_client() -> None:
+    """Close the process client's connections (on the loop that opened them)."""
+    if _default is not None:
+        await _default.aclose()

@@ -21,11 +21,12 @@ import base64
 import copy
 import json
 import uuid
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlencode
 
 from database import pool
@@ -33,6 +34,8 @@ from database import pool
 EVENTS = Path(__file__).parent.parent / "events"
 V1_EVENT = "apiGatewayProxyEvent.json"
 V2_EVENT = "apiGatewayProxyV2Event.json"
+
+T = TypeVar("T")
 
 Query = dict[str, str | list[str]]
 Body = str | bytes | dict[str, Any] | list[Any] | None
@@ -186,11 +189,15 @@ class LambdaRuntime:
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
 
-    async def invoke(self, handler: Any, event: dict[str, Any], context: Any = None) -> Invocation:
+    @staticmethod
+    async def _release_test_loop_pool() -> None:
         if pool._pool is not None and pool._pool_loop is asyncio.get_running_loop():
             # the test's own loop made a pool (sql() in a test): close it on that
             # loop rather than have the runtime's loop tear it down from afar
             await pool.close_pool()
+
+    async def invoke(self, handler: Any, event: dict[str, Any], context: Any = None) -> Invocation:
+        await self._release_test_loop_pool()
         response = await asyncio.get_running_loop().run_in_executor(
             self._thread, handler, event, context or LambdaContext()
         )
@@ -205,6 +212,18 @@ class LambdaRuntime:
             await asyncio.get_running_loop().run_in_executor(
                 self._thread, lambda: runtime_loop.run_until_complete(pool.close_pool())
             )
+
+    async def run(self, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+        """`await work()` on the runtime's loop between invocations: reading back
+        through a repository, or closing what a handler left open on that loop
+        (a client's connections) before the loop goes."""
+
+        def on_runtime_loop() -> T:
+            assert self.loop is not None
+            return self.loop.run_until_complete(work())
+
+        await self._release_test_loop_pool()
+        return await asyncio.get_running_loop().run_in_executor(self._thread, on_runtime_loop)
 
     def _close_on_runtime_loop(self) -> None:
         assert self.loop is not None

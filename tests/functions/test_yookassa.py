@@ -3,6 +3,7 @@ amounts, trusted sources, and the client against the fake over real HTTP."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import socket
@@ -13,21 +14,28 @@ from typing import Any
 from uuid import uuid4
 
 import asyncpg
+import boto3
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from moto import mock_aws
 
 from database import ConfigurationError, InvalidRequest, ProviderUnavailable
+from functions import settings, yookassa
 from functions.fake_yookassa import FakeYooKassa, start_fake_yookassa
 from functions.yookassa import (
     TRUSTED_NETWORKS,
     YooKassaClient,
     YooKassaSettings,
     amount_to_minor_units,
+    close_default_client,
+    default_client,
     idempotence_key,
     is_trusted_source,
+    lambda_budget,
     minor_units_to_amount,
     parse_notification,
+    time_budget,
 )
 from repositories.payments import (
     Payment,
@@ -259,14 +267,19 @@ def test_others_and_garbage_are_not(ip: Any) -> None:
 
 
 def test_environment_overrides_the_trusted_networks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read through functions/settings.py: kept for the cold start, so each
+    change of the environment is followed by settings.reset()."""
     monkeypatch.setenv("YOOKASSA_TRUSTED_NETWORKS", "127.0.0.1/32, ::1/128")
+    settings.reset()
     assert is_trusted_source("127.0.0.1")
     assert is_trusted_source("::1")
     assert not is_trusted_source("185.71.76.1")
     monkeypatch.setenv("YOOKASSA_TRUSTED_NETWORKS", "127.0.0.1/32, not-a-network")
+    settings.reset()
     with pytest.raises(ConfigurationError):
         is_trusted_source("127.0.0.1")
     monkeypatch.delenv("YOOKASSA_TRUSTED_NETWORKS")
+    settings.reset()
     assert is_trusted_source("185.71.76.1")
 
 
@@ -309,8 +322,8 @@ def sleeps() -> Sleeps:
 
 
 def client_for(fake: FakeYooKassa, sleeps: Sleeps, **options: Any) -> YooKassaClient:
-    settings = YooKassaSettings(fake.shop_id, fake.secret_key, fake.api_url, RETURN_URL)
-    return YooKassaClient(settings, backoff=0.2, sleep=sleeps, **options)
+    configured = YooKassaSettings(fake.shop_id, fake.secret_key, fake.api_url, RETURN_URL)
+    return YooKassaClient(configured, backoff=0.2, sleep=sleeps, **options)
 
 
 @pytest.fixture
@@ -414,8 +427,8 @@ async def test_nobody_listening_is_unavailable(sleeps: Sleeps) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    settings = YooKassaSettings("100500", "test_secret", f"http://127.0.0.1:{port}/v3", RETURN_URL)
-    client = YooKassaClient(settings, sleep=sleeps)
+    configured = YooKassaSettings("100500", "test_secret", f"http://127.0.0.1:{port}/v3", RETURN_URL)
+    client = YooKassaClient(configured, sleep=sleeps)
     try:
         with pytest.raises(ProviderUnavailable):
             await client.create_payment(a_payment(), "50 tokens")
@@ -438,8 +451,8 @@ async def test_the_deadline_bounds_the_retries(fake: FakeYooKassa, sleeps: Sleep
 
 
 async def test_wrong_credentials_are_refused_once(fake: FakeYooKassa, sleeps: Sleeps) -> None:
-    settings = YooKassaSettings(fake.shop_id, "test_wrong", fake.api_url, RETURN_URL)
-    client = YooKassaClient(settings, sleep=sleeps)
+    configured = YooKassaSettings(fake.shop_id, "test_wrong", fake.api_url, RETURN_URL)
+    client = YooKassaClient(configured, sleep=sleeps)
     try:
         with pytest.raises(InvalidRequest) as raised:
             await client.create_payment(a_payment(), "50 tokens")
@@ -487,11 +500,104 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("YOOKASSA_SECRET_KEY", "live_secret")
     monkeypatch.delenv("YOOKASSA_API_URL", raising=False)
     monkeypatch.setenv("YOOKASSA_RETURN_URL", RETURN_URL)
-    settings = YooKassaSettings.from_env()
-    assert settings == YooKassaSettings("100500", "live_secret", "https://api.yookassa.ru/v3", RETURN_URL)
+    settings.reset()
+    configured = YooKassaSettings.from_env()
+    assert configured == YooKassaSettings("100500", "live_secret", "https://api.yookassa.ru/v3", RETURN_URL)
     monkeypatch.delenv("YOOKASSA_SECRET_KEY")
+    settings.reset()
     with pytest.raises(ConfigurationError, match="YOOKASSA_SECRET_KEY"):
         YooKassaSettings.from_env()
+
+
+def test_the_secret_key_may_come_from_secrets_manager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """serverless.yml deploys YOOKASSA_SECRET_KEY_SECRET_ARN, never the key itself."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("YOOKASSA_SHOP_ID", "100500")
+    monkeypatch.delenv("YOOKASSA_SECRET_KEY", raising=False)
+    monkeypatch.setenv("YOOKASSA_RETURN_URL", RETURN_URL)
+    with mock_aws():
+        secrets = boto3.client("secretsmanager", region_name="eu-central-1")
+        document = json.dumps({"YOOKASSA_SECRET_KEY": "live_from_the_vault"})
+        arn = secrets.create_secret(Name="dreamlens/test/app", SecretString=document)["ARN"]
+        monkeypatch.setenv("YOOKASSA_SECRET_KEY_SECRET_ARN", arn)
+        settings.reset()
+        assert default_client().settings.secret_key == "live_from_the_vault"
+
+
+def test_the_default_client_is_kept_until_the_settings_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("YOOKASSA_SHOP_ID", "100500")
+    monkeypatch.setenv("YOOKASSA_SECRET_KEY", "test_one")
+    settings.reset()
+    first = default_client()
+    assert default_client() is first
+    monkeypatch.setenv("YOOKASSA_SECRET_KEY", "test_two")
+    assert default_client() is first  # kept for the cold start
+    settings.reset()
+    second = default_client()
+    assert second is not first and second.settings.secret_key == "test_two"
+
+
+async def test_a_replaced_default_client_closes_its_connections(
+    fake: FakeYooKassa, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("YOOKASSA_SHOP_ID", fake.shop_id)
+    monkeypatch.setenv("YOOKASSA_SECRET_KEY", fake.secret_key)
+    monkeypatch.setenv("YOOKASSA_API_URL", fake.api_url)
+    settings.reset()
+    old = default_client()
+    with pytest.raises(InvalidRequest):
+        await old.get_payment("22d6d597-000f-5000-9000-145f6df21d6f")  # a connection is open now
+    http = old._client()
+    monkeypatch.setenv("YOOKASSA_SECRET_KEY", "test_rotated")
+    settings.reset()
+    new = default_client()
+    try:
+        assert new is not old
+        await asyncio.gather(*yookassa._retiring)  # the closing runs in the background
+        assert http.is_closed
+    finally:
+        await close_default_client()
+
+
+class RemainingTime:
+    def __init__(self, millis: object) -> None:
+        self.millis = millis
+
+    def get_remaining_time_in_millis(self) -> object:
+        return self.millis
+
+
+@pytest.mark.parametrize(
+    ("context", "budget"),
+    [
+        (None, 27.0),
+        (object(), 27.0),
+        (RemainingTime(15_000), 12.0),
+        (RemainingTime(900_000), 27.0),
+        (RemainingTime(3_500), 1.0),
+        (RemainingTime(0), 1.0),
+        (RemainingTime("soon"), 27.0),
+    ],
+)
+def test_a_lambdas_remaining_time_bounds_the_provider(context: object, budget: float) -> None:
+    assert lambda_budget(context) == budget
+
+
+async def test_the_time_budget_cuts_a_slow_provider_short(fake: FakeYooKassa, sleeps: Sleeps) -> None:
+    fake.go_slow(60)
+    client = client_for(fake, sleeps)  # its own timeouts would wait 13 s an attempt
+    try:
+        with time_budget(0.3), pytest.raises(ProviderUnavailable, match="in time"):
+            await client.get_payment("22d6d597-000f-5000-9000-145f6df21d6f")
+        fake.recover()
+        # outside the block nothing is bounded but the client's own timeouts
+        with pytest.raises(InvalidRequest):
+            await client.get_payment("22d6d597-000f-5000-9000-145f6df21d6f")
+    finally:
+        await client.aclose()
+    assert len(fake.requests) == 2
 
 
 async def test_no_return_url_anywhere_is_a_configuration_error(fake: FakeYooKassa, sleeps: Sleeps) -> None:

@@ -1,0 +1,166 @@
+"""Payments over real HTTP on localhost, as clients and the scheduler meet
+them: one Idempotency-Key sent many times at once, and payments whose
+webhook never arrives credited by the reconciler (functions.jobs) once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+import httpx
+import pytest
+
+from database import config, pool
+from functions import jobs
+from functions.fake_yookassa import FakeYooKassa, InProcessServer
+from functions.yookassa import close_default_client
+from repositories.audit import find_violations
+from tests import db
+from tests.functions.payment_support import (
+    configure_provider,
+    payment_row,
+    payments_server,  # noqa: F401 (a fixture)
+    release_together,
+    running_fake,  # noqa: F401 (a fixture)
+    user_headers,
+)
+
+CONCURRENT_REQUESTS = 10
+
+
+@pytest.fixture
+async def fake(
+    running_fake: FakeYooKassa,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+    admin: asyncpg.Connection,
+) -> AsyncIterator[FakeYooKassa]:
+    """The fake as YooKassa, its notifications lost (nothing is delivered);
+    a pool wide enough for concurrent requests; the books balance after."""
+    running_fake.reset()
+    running_fake.webhook_url = None
+    configure_provider(monkeypatch, running_fake)
+    await pool.close_pool()
+    config.configure(pool_max_size=CONCURRENT_REQUESTS)
+    yield running_fake
+    running_fake.recover()
+    await close_default_client()
+    assert await db.audit_problems(admin) == []
+    assert await find_violations() == []
+    await pool.close_pool()
+
+
+@pytest.fixture
+async def http(payments_server: InProcessServer) -> AsyncIterator[httpx.AsyncClient]:  # noqa: F811
+    async with httpx.AsyncClient(base_url=payments_server.base_url, timeout=30) as client:
+        yield client
+
+
+async def create(
+    http: httpx.AsyncClient, device: str, package_id: str = "tokens_50", key: str | None = None
+) -> Any:
+    response = await http.post(
+        "/api/payments", json={"package_id": package_id}, headers=user_headers(device, key)
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+async def provider_id(admin: asyncpg.Connection, payment_id: str) -> str:
+    value: str = (await payment_row(admin, payment_id))["provider_payment_id"]
+    return value
+
+
+async def buyer(admin: asyncpg.Connection, device: str) -> UUID:
+    user_id: UUID = await admin.fetchval("select id from users where device_id = $1", device)
+    return user_id
+
+
+# ------------------------------------------------------------------ creating
+
+
+async def test_one_key_sent_many_times_at_once_is_one_payment_at_yookassa(
+    fake: FakeYooKassa, http: httpx.AsyncClient, admin: asyncpg.Connection
+) -> None:
+    await create(http, "device-flow-race1", key="warm-up")  # the device's user exists now
+    responses = await asyncio.gather(
+        *(
+            http.post(
+                "/api/payments",
+                json={"package_id": "tokens_200"},
+                headers=user_headers("device-flow-race1", "k"),
+            )
+            for _ in range(CONCURRENT_REQUESTS)
+        )
+    )
+    assert [r.status_code for r in responses] == [201] * CONCURRENT_REQUESTS
+    bodies = [r.json() for r in responses]
+    assert all(body == bodies[0] for body in bodies)
+    assert await admin.fetchval("select count(*) from payments where idempotency_key = 'k'") == 1
+    # racing requests may each ask YooKassa, always under one Idempotence-Key
+    assert len(fake.payments) == 2  # the warm-up's and this one
+    keys = {r.idempotence_key for r in fake.requests_to("POST", "/v3/payments")}
+    assert len(keys) == 2 and bodies[0]["id"] in keys
+
+
+# ---------------------------------------------------------------- reconciler
+
+
+async def test_a_payment_whose_webhook_never_arrives_is_credited_by_the_reconciler_once(
+    fake: FakeYooKassa, http: httpx.AsyncClient, admin: asyncpg.Connection
+) -> None:
+    created = await create(http, "device-flow-lost1", "tokens_200")
+    await fake.succeed(await provider_id(admin, created["id"]))  # notification lost
+    user_id = await buyer(admin, "device-flow-lost1")
+    assert await db.balance(admin, user_id) == 5
+
+    # too young to be chased: YooKassa may still be delivering
+    assert await jobs.reconcile_payments() == {"checked": 0, "changed": 0, "failed": 0}
+
+    later = datetime.now(UTC) + timedelta(minutes=30)
+    # both runs find the payment open: YooKassa answers neither until both ask
+    fake.go_slow(60)
+    first, second, _ = await asyncio.gather(
+        jobs.reconcile_payments(now=later),
+        jobs.reconcile_payments(now=later),
+        release_together(fake, f"/v3/payments/{await provider_id(admin, created['id'])}", 2),
+    )
+    assert first["checked"] == second["checked"] == 1
+    assert first["changed"] + second["changed"] == 1
+    assert await db.balance(admin, user_id) == 5 + 200
+    purchases = [row for row in await db.ledger(admin, user_id) if row["type"] == "purchase"]
+    assert [row["idempotency_key"] for row in purchases] == [f"payment:{created['id']}"]
+    # settled: nothing left to chase
+    assert await jobs.reconcile_payments(now=later) == {"checked": 0, "changed": 0, "failed": 0}
+
+    shown = await http.get(f"/api/payments/{created['id']}", headers=user_headers("device-flow-lost1"))
+    assert shown.json()["status"] == "succeeded"
+
+
+async def test_the_reconciler_leaves_unpaid_payments_open_and_closes_canceled_ones(
+    fake: FakeYooKassa, http: httpx.AsyncClient, admin: asyncpg.Connection
+) -> None:
+    unpaid = await create(http, "device-flow-open1")
+    abandoned = await create(http, "device-flow-open1")
+    await fake.cancel(await provider_id(admin, abandoned["id"]))
+    later = datetime.now(UTC) + timedelta(minutes=30)
+    assert await jobs.reconcile_payments(now=later) == {"checked": 2, "changed": 1, "failed": 0}
+    assert (await payment_row(admin, unpaid["id"]))["status"] == "pending"
+    assert (await payment_row(admin, abandoned["id"]))["status"] == "canceled"
+    assert await db.balance(admin, await buyer(admin, "device-flow-open1")) == 5
+
+
+async def test_the_reconciler_survives_yookassa_down_and_credits_on_the_next_run(
+    fake: FakeYooKassa, http: httpx.AsyncClient, admin: asyncpg.Connection
+) -> None:
+    created = await create(http, "device-flow-down1")
+    await fake.succeed(await provider_id(admin, created["id"]))
+    later = datetime.now(UTC) + timedelta(minutes=30)
+    fake.go_down()
+    assert await jobs.reconcile_payments(now=later) == {"checked": 1, "changed": 0, "failed": 1}
+    fake.recover()
+    assert await jobs.reconcile_payments(now=later) == {"checked": 1, "changed": 1, "failed": 0}
+    assert await db.balance(admin, await buyer(admin, "device-flow-down1")) == 55
