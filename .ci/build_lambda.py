@@ -119,6 +119,8 @@ def install_dependencies(target: Path, python_version: str, platform: str, requi
     )  # fmt: skip
     # console scripts point at this machine's interpreter: useless in a Lambda
     shutil.rmtree(target / "bin", ignore_errors=True)
+    # uv's lock file of the target directory
+    (target / ".lock").unlink(missing_ok=True)
 
 
 def copy_code(target: Path) -> None:

@@ -168,6 +168,7 @@ def test_artifact_carries_the_code_and_runtime_dependencies_only(artifact: Path)
     assert {"functions", "repositories", "database", "schema.sql"} <= top_level
     assert top_level >= RUNTIME_PACKAGES, f"missing: {sorted(RUNTIME_PACKAGES - top_level)}"
     assert not NEVER_SHIPPED & top_level, f"must not be shipped: {sorted(NEVER_SHIPPED & top_level)}"
+    assert not [name for name in top_level if name.startswith(".")], "no dotfiles: .lock, .venv, ..."
     assert "functions/fake_yookassa.py" not in names
     assert "functions/cli.py" not in names
     assert not [name for name in names if "__pycache__" in name or name.endswith((".pyc", ".pyo"))]
