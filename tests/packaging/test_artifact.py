@@ -223,18 +223,17 @@ def test_scheduled_function_runs_its_job(
     )
 
 
-def test_health_handler_import_time(
+def test_health_handler_imports_alone(
     functions: list[Function], smoke_runtime: SmokeRuntime, unzipped: Path, tmp_path: Path
 ) -> None:
-    """The cold import of one handler from the unzipped artifact, median of 5
-    fresh processes, without bytecode (as on Lambda's read-only code directory)."""
+    """A bare import, no event, no database: nothing the module runs at import
+    needs more than the artifact. Its time is reported, not asserted (the
+    median of 5 fresh processes, no bytecode, as on Lambda's read-only code
+    directory)."""
     function = by_name(functions, "health")
-    seconds = [
-        cold_start(smoke_runtime, unzipped, function, [], {}, tmp_path)["import_seconds"] for _ in range(5)
-    ]
-    median = statistics.median(seconds)
+    reports = [cold_start(smoke_runtime, unzipped, function, [], {}, tmp_path) for _ in range(5)]
+    assert not any(report["boto3_imported"] for report in reports)
+    median = statistics.median(report["import_seconds"] for report in reports)
     REPORT["import functions.health (cold, no bytecode, median of 5)"] = (
         f"{median * 1000:.0f} ms on CPython {smoke_runtime.version}"
     )
-    # generous: this guards against a heavy import creeping in, not a benchmark
-    assert median < 2.0
