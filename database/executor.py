@@ -49,7 +49,7 @@ class Executor(Protocol):
     async def execute(self, query: str, *args: Any) -> str: ...
 
 
-def _round_trips_per_statement() -> int:
+def round_trips_per_statement() -> int:
     # with the statement cache off (PgBouncer, RDS Proxy) every statement is
     # prepared anew: one round trip to prepare, one to execute
     return 1 if config.settings().statement_cache_size > 0 else 2
@@ -64,7 +64,7 @@ async def _timed(connection: Connection, method: str, query: str, args: tuple[An
         stats.record(
             stats.statement_name(query),
             ms,
-            _round_trips_per_statement(),
+            round_trips_per_statement(),
             config.settings().slow_statement_ms,
         )
 

@@ -136,9 +136,25 @@ def main(argv: list[str] | None = None) -> int:
     # our own progress lines for a person; the embedded server's chatter and
     # the EMF metric lines (meant for CloudWatch) stay out of the way
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    for name in ("dreamlens", "database", "functions", "repositories"):
-        logging.getLogger(name).setLevel(logging.INFO)
-    logging.getLogger("dreamlens.metrics").setLevel(logging.WARNING)
+    levels = {
+        "dreamlens": logging.INFO,
+        "database": logging.INFO,
+        "functions": logging.INFO,
+        "repositories": logging.INFO,
+        "dreamlens.metrics": logging.WARNING,
+    }
+    saved = {name: logging.getLogger(name).level for name in levels}
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        return _run(args)
+    finally:
+        # main() is also called in-process (tests): leave logging as it was
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def _run(args: argparse.Namespace) -> int:
     run: Command = args.run
     try:
         from functions import settings

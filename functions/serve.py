@@ -56,7 +56,15 @@ async def serve(options: ServeOptions) -> int:
     _print(f"  worker callback secret (X-Callback-Secret): {os.environ['GENERATION_CALLBACK_SECRET']}")
 
     server = uvicorn.Server(
-        uvicorn.Config(local.build(), host=options.host, port=options.port, log_level="warning")
+        uvicorn.Config(
+            local.build(),
+            host=options.host,
+            port=options.port,
+            log_level="warning",
+            # the source IP decides the webhook allowlist and the signup limit:
+            # never take it from a client-supplied X-Forwarded-For
+            proxy_headers=False,
+        )
     )
     try:
         await server.serve()

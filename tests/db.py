@@ -83,3 +83,12 @@ def with_database(url: str, name: str) -> str:
 
     parts = urlsplit(url)
     return urlunsplit(parts._replace(path="/" + name))
+
+
+def trips(statements: int) -> int:
+    """Round trips on the wire for `statements` statements outside a
+    transaction: one each with the statement cache on, two (prepare, then
+    execute) with it off, as behind PgBouncer (DREAMLENS_TEST_PGBOUNCER=1)."""
+    from database.executor import round_trips_per_statement
+
+    return statements * round_trips_per_statement()

@@ -94,6 +94,8 @@ pidfile = {workdir}/pgbouncer.pid
     finally:
         process.terminate()
         process.wait(timeout=10)
+        if process.stderr is not None:
+            process.stderr.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

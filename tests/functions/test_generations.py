@@ -235,7 +235,7 @@ async def test_a_warm_repeat_caller_creates_in_one_round_trip(
     await post(version, {"prompt": "a red fox"})
     await post(version, {"prompt": "a red fox"}, {**device(DEVICE), "Idempotency-Key": "k-1"})
     # first: identity (1) + the spend (1); then the spend alone, keyed or not
-    assert round_trips(caplog) == [2, 1, 1]
+    assert round_trips(caplog) == [db.trips(2), db.trips(1), db.trips(1)]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -583,7 +583,7 @@ async def test_the_s3_client_is_built_once_per_process(
     assert generations_function.s3_client() is client
     assert len(await downloads(admin)) == 2
     # warm: identity cached (0), the generation (1) and the usage row (1)
-    assert round_trips(caplog) == [3, 2]
+    assert round_trips(caplog) == [db.trips(3), db.trips(2)]
 
 
 def test_boto3_is_not_imported_with_the_function() -> None:

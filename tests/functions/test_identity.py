@@ -351,7 +351,7 @@ async def test_bad_token_is_401_even_with_a_device_id(
     assert response.status == 401
     assert response.body["error"] == "unauthorized"
     assert await user_rows(admin) == []
-    assert request_round_trips(caplog) == [0]
+    assert request_round_trips(caplog) == [db.trips(0)]
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -464,7 +464,7 @@ async def test_warm_repeat_caller_costs_no_round_trip(
     assert first.body["id"] == second.body["id"]
     assert (first.body["created"], second.body["created"]) == (True, False)
     # get-or-create is one round trip; the warm repeat is served from the cache
-    assert request_round_trips(caplog) == [1, 0]
+    assert request_round_trips(caplog) == [db.trips(1), db.trips(0)]
 
 
 async def test_cached_caller_expires_after_thirty_seconds(
@@ -479,7 +479,7 @@ async def test_cached_caller_expires_after_thirty_seconds(
     await whoami_as("v2", {"X-Device-Id": DEVICE})
     now[0] += 2
     await whoami_as("v2", {"X-Device-Id": DEVICE})
-    assert request_round_trips(caplog) == [1, 0, 1]
+    assert request_round_trips(caplog) == [db.trips(1), db.trips(0), db.trips(1)]
 
 
 async def test_forget_identity_makes_a_linked_device_fail_at_once(admin: asyncpg.Connection) -> None:
@@ -501,7 +501,7 @@ async def test_refused_callers_are_not_cached(
     second = await whoami_as("v2", {"X-Device-Id": DEVICE})
     assert (first.status, second.status) == (403, 403)
     # each refusal asked the database again
-    assert request_round_trips(caplog) == [1, 1]
+    assert request_round_trips(caplog) == [db.trips(1), db.trips(1)]
 
 
 # ----------------------------------------------------------------- source IP

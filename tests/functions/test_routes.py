@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import re
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -16,15 +17,38 @@ from starlette.routing import Route
 from functions.openapi import document, endpoint_of
 
 SERVERLESS = Path(__file__).parent.parent.parent / "serverless.yml"
-# the functions whose modules exist on this branch (payments and the webhook
-# come with the payments issue)
-FUNCTIONS = ["health", "user", "tokens", "generations", "worker", "subscription", "initDb"]
 CONVERTOR = re.compile(r"{([A-Za-z_][A-Za-z0-9_]*):[A-Za-z_]+}")
 
 
 def serverless_functions() -> dict[str, Any]:
     functions: dict[str, Any] = yaml.safe_load(SERVERLESS.read_text())["functions"]
     return functions
+
+
+# every function serverless.yml routes HTTP to
+FUNCTIONS = sorted(
+    name
+    for name, function in serverless_functions().items()
+    if any("httpApi" in event for event in function.get("events", []))
+)
+
+
+@pytest.mark.parametrize("name", sorted(serverless_functions()))
+def test_every_handler_in_serverless_yml_imports(name: str) -> None:
+    path, _, attribute = serverless_functions()[name]["handler"].rpartition(".")
+    assert callable(getattr(importlib.import_module(path.replace("/", ".")), attribute))
+
+
+def test_the_local_app_serves_exactly_the_deployed_routes() -> None:
+    from functions import local
+
+    deployed = {
+        tuple(event["httpApi"].split(" ", 1))
+        for function in serverless_functions().values()
+        for event in function.get("events", [])
+        if "httpApi" in event
+    }
+    assert served(SimpleNamespace(routes=local.all_routes())) == deployed
 
 
 def module_of(function: dict[str, Any]) -> Any:

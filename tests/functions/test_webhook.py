@@ -114,7 +114,7 @@ async def test_payment_succeeded_credits_the_package_once_in_one_round_trip(
         "/api/payments/webhook",
         200,
         1,
-        1,
+        db.trips(1),
     )
     assert fake.requests_to("GET", f"/v3/payments/{payment.provider_id}")
     metrics = metric_lines(caplog)
