@@ -70,6 +70,7 @@ unix_socket_dir =
 auth_type = trust
 auth_file = {workdir}/userlist.txt
 pool_mode = transaction
+admin_users = postgres
 max_client_conn = 1000
 default_pool_size = 40
 ; a session setting sent at connect would leak between clients in
@@ -93,9 +94,16 @@ pidfile = {workdir}/pgbouncer.pid
         yield f"postgresql://{user}@127.0.0.1:{listen_port}/{database}"
     finally:
         process.terminate()
-        process.wait(timeout=10)
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            # still waiting on its clients: it is a throwaway pooler
+            process.kill()
+            process.wait(timeout=5)
         if process.stderr is not None:
             process.stderr.close()
+        if os.environ.get("DREAMLENS_KEEP_PGBOUNCER_LOG"):
+            print((workdir / "pgbouncer.log").read_text())  # noqa: T201
         shutil.rmtree(workdir, ignore_errors=True)
 
 
