@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -73,9 +74,12 @@ async def audit_ledger() -> dict[str, Any]:
     return {"violations": len(violations)}
 
 
-async def reconcile_payments(now: datetime | None = None) -> dict[str, Any]:
+async def reconcile_payments(now: datetime | None = None, stop_at: float | None = None) -> dict[str, Any]:
     """Ask YooKassa about payments still open after PAYMENT_RECONCILE_AFTER_MINUTES
-    (default 10): a lost webhook must not lose anyone's money."""
+    (default 10): a lost webhook must not lose anyone's money.
+
+    `stop_at` (time.monotonic()) ends the run early, before the Lambda's own
+    timeout would cut a payment off mid-way; the next run takes the rest."""
     from functions import payment_sync
     from functions.yookassa import default_client
 
@@ -83,6 +87,8 @@ async def reconcile_payments(now: datetime | None = None) -> dict[str, Any]:
     client = default_client()
     checked = changed = failed = 0
     for payment in await payments.open_payments(older_than):
+        if stop_at is not None and time.monotonic() >= stop_at:
+            break
         checked += 1
         try:
             result = await payment_sync.sync_payment(client, payment.provider_payment_id or "")
@@ -110,7 +116,13 @@ def _handler(job: Job) -> Callable[[Any, Any], dict[str, Any]]:
         from functions import settings
 
         settings.load_database_secrets()
-        result = runtime.run(job())
+        if job is reconcile_payments and context is not None:
+            # one provider call may take its full retry budget: start none that could
+            # run past the function's timeout
+            remaining = context.get_remaining_time_in_millis() / 1000
+            result = runtime.run(reconcile_payments(stop_at=time.monotonic() + remaining - 35))
+        else:
+            result = runtime.run(job())
         log.info("%s: %s", job.__name__, result)
         return result
 

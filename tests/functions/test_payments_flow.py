@@ -5,6 +5,7 @@ webhook never arrives credited by the reconciler (functions.jobs) once."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -164,3 +165,19 @@ async def test_the_reconciler_survives_yookassa_down_and_credits_on_the_next_run
     fake.recover()
     assert await jobs.reconcile_payments(now=later) == {"checked": 1, "changed": 1, "failed": 0}
     assert await db.balance(admin, await buyer(admin, "device-flow-down1")) == 55
+
+
+async def test_the_reconciler_stops_before_its_deadline_and_the_next_run_goes_on(
+    fake: FakeYooKassa, http: httpx.AsyncClient, admin: asyncpg.Connection
+) -> None:
+    """A run that could outlive its Lambda timeout starts no provider call it
+    cannot finish; nothing is lost, the next run picks the payment up."""
+    created = await create(http, "device-flow-late1")
+    await fake.succeed(await provider_id(admin, created["id"]))
+    later = datetime.now(UTC) + timedelta(minutes=30)
+    out_of_time = await jobs.reconcile_payments(now=later, stop_at=time.monotonic() - 1)
+    assert out_of_time == {"checked": 0, "changed": 0, "failed": 0}
+    assert await db.balance(admin, await buyer(admin, "device-flow-late1")) == 5
+    next_run = await jobs.reconcile_payments(now=later, stop_at=time.monotonic() + 60)
+    assert next_run == {"checked": 1, "changed": 1, "failed": 0}
+    assert await db.balance(admin, await buyer(admin, "device-flow-late1")) == 5 + 50
