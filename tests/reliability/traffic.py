@@ -36,7 +36,7 @@ import asyncpg
 import httpx
 
 from functions.fake_yookassa import FakeYooKassa
-from repositories.audit import find_violations
+from repositories.audit import Violation, find_violations
 from tests import db
 
 log = logging.getLogger("dreamlens.reliability")
@@ -235,9 +235,14 @@ select coalesce(u.device_id, u.clerk_id) as handle, g.idempotency_key, g.id
 """
 
 
-async def check_books(admin: asyncpg.Connection, books: Books) -> list[str]:
+async def check_books(
+    admin: asyncpg.Connection,
+    books: Books,
+    audit: Callable[[], Awaitable[list[Violation]]] = find_violations,
+) -> list[str]:
     """Every difference between the ledger and what the clients were told,
-    and every broken ledger invariant (both audits)."""
+    and every broken ledger invariant (both audits; `audit` runs the app's
+    on the loop that owns the pool)."""
     problems: list[str] = []
     actual: dict[str, Counter[tuple[str, int]]] = {}
     for row in await admin.fetch(LEDGER_BY_USER):
@@ -265,7 +270,7 @@ async def check_books(admin: asyncpg.Connection, books: Books) -> list[str]:
         if count > 1:
             problems.append(f"payment {payment_id}: {count} deliveries answered `credited`")
 
-    problems += [f"audit: {v.user_id} {v.problem} {v.detail}" for v in await find_violations()]
+    problems += [f"audit: {v.user_id} {v.problem} {v.detail}" for v in await audit()]
     problems += [f"independent audit: {p}" for p in await db.audit_problems(admin)]
     return problems
 
