@@ -47,6 +47,9 @@ RETURN_URL = "https://app.dreamlens.test/payments/return"
 # every caller of these tests comes from 127.0.0.1: the per-IP signup limit
 # is a test of its own (the abuse tests), not a fault to trip over here
 SIGNUPS_PER_IP = "1000000"
+# clients let an idle connection go before uvicorn closes it (after 5 s): a
+# request on a connection the server is closing fails for neither side's fault
+KEEPALIVE_SECONDS = 2.0
 # the dedicated server's connection slots (the app's pool is 10 wide)
 DEDICATED_MAX_CONNECTIONS = 20
 
@@ -115,7 +118,9 @@ async def served(served_processes: Served, monkeypatch: pytest.MonkeyPatch) -> A
 async def http(served: Served) -> AsyncIterator[httpx.AsyncClient]:
     # one connection per concurrent caller: a client-side pool queue would
     # count as the server's latency (and as a timeout)
-    limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
+    limits = httpx.Limits(
+        max_connections=400, max_keepalive_connections=400, keepalive_expiry=KEEPALIVE_SECONDS
+    )
     async with httpx.AsyncClient(base_url=served.base_url, timeout=20.0, limits=limits) as client:
         yield client
 
