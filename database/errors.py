@@ -128,11 +128,21 @@ TRANSIENT: tuple[type[BaseException], ...] = (
 )
 
 
+# asyncpg's words (never localized) for a connection whose protocol lost its
+# footing: a terminated backend's FATAL arrived while the connection sat idle
+# in the pool (or between a transaction's statements), and the socket's close
+# had not been seen yet. The next operation on it cannot even start.
+PROTOCOL_LOST = ("cannot switch to state", "unexpected state", "not connected")
+
+
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, asyncpg.InterfaceError):
         # "connection is closed" / "pool is closing": the socket is gone,
         # another connection will do
         return "closed" in str(exc) or "closing" in str(exc)
+    if isinstance(exc, asyncpg.InternalClientError):
+        # the executor discards such a connection (database/executor.py)
+        return any(words in str(exc) for words in PROTOCOL_LOST)
     return isinstance(exc, TRANSIENT)
 
 

@@ -104,13 +104,26 @@ async def run_with_retries(work: Callable[[], Awaitable[T]]) -> T:
     raise AssertionError("unreachable: tenacity either returns or raises")
 
 
+@asynccontextmanager
+async def _pooled() -> AsyncIterator[Connection]:
+    """A connection from the pool, discarded instead of returned when its
+    protocol lost its footing (errors.PROTOCOL_LOST): asyncpg would otherwise
+    hand the same broken connection to the next request."""
+    connection_pool = await pool.get_pool()
+    async with connection_pool.acquire() as connection:
+        try:
+            yield connection
+        except asyncpg.InternalClientError:
+            connection.terminate()
+            raise
+
+
 class Sql:
     """The wrapper. `await sql.fetchrow(QUERY, a, b)`; `await sql(QUERY, ...)` fetches all."""
 
     async def _run(self, method: str, query: str, args: tuple[Any, ...]) -> Any:
         async def once() -> Any:
-            connection_pool = await pool.get_pool()
-            async with connection_pool.acquire() as connection:
+            async with _pooled() as connection:
                 return await _timed(connection, method, query, args)
 
         return await run_with_retries(once)
@@ -169,8 +182,7 @@ async def transaction() -> AsyncIterator[Transaction]:
     run_in_transaction() for that.
     """
     try:
-        connection_pool = await pool.get_pool()
-        async with connection_pool.acquire() as connection:
+        async with _pooled() as connection:
             tx = connection.transaction()
             await tx.start()
             stats.record_round_trips(1)
@@ -195,8 +207,7 @@ async def run_in_transaction(work: Callable[[Transaction], Awaitable[T]]) -> T:
     with lazy init of an empty database."""
 
     async def once() -> T:
-        connection_pool = await pool.get_pool()
-        async with connection_pool.acquire() as connection, connection.transaction():
+        async with _pooled() as connection, connection.transaction():
             stats.record_round_trips(2)  # BEGIN and COMMIT
             return await work(Transaction(connection))
 

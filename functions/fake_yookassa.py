@@ -254,7 +254,11 @@ class FakeYooKassa:
         notification = {"type": "notification", "event": event, "object": copy.deepcopy(obj)}
         if self.webhook_url:
             if self._http is None or self._http.is_closed:
-                self._http = httpx.AsyncClient(timeout=10.0)
+                # a connection per notification, as a webhook sender opens
+                # them: reusing a kept-alive one races the receiver closing it
+                # (uvicorn closes idle connections after 5 s), a failed
+                # delivery that is neither the fake's doing nor the app's
+                self._http = httpx.AsyncClient(timeout=10.0, limits=httpx.Limits(max_keepalive_connections=0))
             try:
                 response = await self._http.post(self.webhook_url, json=notification)
                 self.deliveries.append(Delivery(notification, response.status_code))
