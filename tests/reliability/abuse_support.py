@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import httpx
 import pytest
 
 _import_loop = asyncio.new_event_loop()
@@ -199,6 +200,20 @@ async def close_pool_on_this_loop() -> None:
         await pool.close_pool()
 
 
+@pytest.fixture
+async def served() -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the local app served over 127.0.0.1 as `dreamlens serve`
+    runs it; the pool it makes on this loop is closed after."""
+    await close_pool_on_this_loop()
+    server = await serve_like_dreamlens(build_local_app())
+    try:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
+            yield client
+    finally:
+        await server.stop()
+        await close_pool_on_this_loop()
+
+
 async def close_provider_client(runtime: lambda_events.LambdaRuntime) -> None:
     """Close the process's YooKassa client on the loop its connections belong
     to (the Lambda runtime's, or this one's after a served request)."""
@@ -237,6 +252,7 @@ __all__ = [
     "payment_notification",
     "running_fake",
     "serve_like_dreamlens",
+    "served",
     "signed",
     "use_clerk",
 ]

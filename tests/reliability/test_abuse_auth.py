@@ -44,6 +44,7 @@ from tests.reliability.abuse_support import (
     payment_notification,
     running_fake,  # noqa: F401 (a fixture)
     serve_like_dreamlens,
+    served,  # noqa: F401 (a fixture)
     signed,
     use_clerk,
 )
@@ -305,22 +306,8 @@ async def test_rotating_forged_addresses_do_not_lift_the_signup_limit(
 # ------------------------------------------------------ over a real socket
 
 
-@pytest.fixture
-async def served(admin: asyncpg.Connection) -> AsyncIterator[httpx.AsyncClient]:
-    """The local app over 127.0.0.1 as `dreamlens serve` runs it; the pool is
-    made on this loop and closed after."""
-    await close_pool_on_this_loop()
-    server = await serve_like_dreamlens(build_local_app())
-    try:
-        async with httpx.AsyncClient(base_url=server.base_url, timeout=30) as client:
-            yield client
-    finally:
-        await server.stop()
-        await close_pool_on_this_loop()
-
-
 async def test_over_http_forged_headers_do_not_open_the_webhook(
-    served: httpx.AsyncClient,
+    served: httpx.AsyncClient,  # noqa: F811
     paid_at_provider: dict[str, Any],
     admin: asyncpg.Connection,
     monkeypatch: pytest.MonkeyPatch,
@@ -343,7 +330,9 @@ async def test_over_http_forged_headers_do_not_open_the_webhook(
 
 
 async def test_over_http_rotating_forged_addresses_do_not_lift_the_signup_limit(
-    served: httpx.AsyncClient, admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+    served: httpx.AsyncClient,  # noqa: F811
+    admin: asyncpg.Connection,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("ANON_SIGNUPS_PER_IP_PER_HOUR", raising=False)
     settings.reset()
