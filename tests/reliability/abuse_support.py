@@ -113,6 +113,33 @@ async def call(
     return await lambda_events.invoke(HANDLERS[function], built)
 
 
+async def call_at_once(
+    function: str,
+    method: str,
+    path: str,
+    *,
+    version: str = "v2",
+    headers: dict[str, str] | None = None,
+    body: lambda_events.Body = None,
+    source_ip: str = GATEWAY_SOURCE,
+) -> lambda_events.Invocation:
+    """What the function's Mangum handler does with an event, awaited on the
+    running loop instead of run to completion on its own: many of these under
+    asyncio.gather are many Lambda invocations at once (one process, so the
+    pool and caches are shared: size the pool first)."""
+    from mangum.protocols.http import HTTPCycle
+
+    handler = HANDLERS[function]
+    event = lambda_events.EVENT_BUILDERS[version](
+        method, path, headers=headers, body=body, source_ip=source_ip
+    )
+    inferred = handler.infer(event, lambda_events.LambdaContext())
+    cycle = HTTPCycle(inferred.scope, inferred.body)
+    await cycle.run(handler.app)
+    response = inferred({"status": cycle.status, "headers": cycle.headers, "body": cycle.body})
+    return lambda_events.parse_response(response)
+
+
 # --------------------------------------------------------------- Clerk
 
 
@@ -242,6 +269,7 @@ __all__ = [
     "bearer",
     "build_local_app",
     "call",
+    "call_at_once",
     "claims",
     "close_pool_on_this_loop",
     "close_provider_client",
