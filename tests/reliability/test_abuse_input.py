@@ -27,6 +27,7 @@ from functions import settings
 from tests import db
 from tests.reliability.abuse_support import (
     VERSIONS,
+    YOOKASSA_SOURCE,
     abuse_runtime,  # noqa: F401 (an autouse fixture)
     call,
     fingerprint,
@@ -402,3 +403,51 @@ async def test_hostile_headers_are_4xx_or_taken_verbatim(
     else:
         key = await admin.fetchval("select idempotency_key from generations")
         assert key == extra["Idempotency-Key"]
+
+
+def refund_notification_with(value: str) -> str:
+    return (
+        '{"type": "notification", "event": "refund.succeeded", "object": {"id": "rf-1",'
+        f' "payment_id": "pp-1", "status": "succeeded", "amount": {{"value": {value}, "currency": "RUB"}}}}}}'
+    )
+
+
+HOSTILE_NOTIFICATIONS = {
+    "deep_arrays": deep_arrays(30_000),
+    "deep_objects": deep_objects(9_000),
+    "wide_object": wide_object(LIMIT),
+    "huge_exponent": refund_notification_with('"1e999999999"'),
+    "huge_digits": refund_notification_with('"' + "9" * 5000 + '"'),
+    "float_overflow": refund_notification_with("1e400"),
+    "not_utf8": '{"type": "notification", "event": "payment.succeeded"}'.encode("utf-16"),
+}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_hostile_notifications_from_a_trusted_address_are_400(
+    version: str, admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: from YooKassa's own networks, 30,000 nested arrays (a
+    RecursionError) and an amount of '1e999999999' (a decimal overflow) were
+    500s. Every malformed notification is a 400, before YooKassa is asked."""
+    monkeypatch.setenv("YOOKASSA_SHOP_ID", "100500")
+    monkeypatch.setenv("YOOKASSA_SECRET_KEY", "test_unused")
+    # nothing listens here: a notification that got as far as asking is a 503
+    monkeypatch.setenv("YOOKASSA_API_URL", "http://127.0.0.1:9/v3")
+    settings.reset()
+    before = await fingerprint(admin)
+    answered = {}
+    for case, body in HOSTILE_NOTIFICATIONS.items():
+        assert len(body if isinstance(body, bytes) else body.encode()) <= LIMIT, case
+        response = await call(
+            "webhook",
+            "POST",
+            "/api/payments/webhook",
+            version=version,
+            headers={"Content-Type": "application/json"},
+            body=body,
+            source_ip=YOOKASSA_SOURCE,
+        )
+        answered[case] = (response.status, response.body["error"])
+    assert answered == dict.fromkeys(HOSTILE_NOTIFICATIONS, (400, "invalid_request"))
+    assert await fingerprint(admin) == before
