@@ -63,11 +63,20 @@ class RequestModel(BaseModel):
         return value
 
 
+# At most this many issues in an error body. One per unknown key would let a
+# 64 KiB body of short keys come back as a 550 KB answer, and a raised
+# MAX_BODY_BYTES as one over the 6 MB a Lambda may return (the invocation
+# fails: a 5xx for bad input). The first few say what is wrong.
+MAX_DETAILS = 20
+
+
 def validation_details(exc: ValidationError) -> list[dict[str, Any]]:
-    """Where and why, never the input itself (it may be a prompt or a secret)."""
+    """Where and why (the first MAX_DETAILS issues), never the input itself
+    (it may be a prompt or a secret)."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
     return [
         {"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]}
-        for error in exc.errors(include_url=False, include_input=False, include_context=False)
+        for error in errors[:MAX_DETAILS]
     ]
 
 

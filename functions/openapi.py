@@ -35,6 +35,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 
+from functions.http import MAX_DETAILS
+
 Auth = Literal["none", "user", "clerk", "callback", "init", "webhook"]
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -173,7 +175,11 @@ def _error_schemas() -> dict[str, Any]:
             "properties": {
                 "error": {"type": "string", "enum": ERROR_CODES},
                 "message": {"type": "string"},
-                "details": {"type": "array", "items": {"$ref": "#/components/schemas/ValidationIssue"}},
+                "details": {
+                    "type": "array",
+                    "maxItems": MAX_DETAILS,
+                    "items": {"$ref": "#/components/schemas/ValidationIssue"},
+                },
                 "balance": {"type": "integer"},
                 "cost": {"type": "integer"},
             },

@@ -61,7 +61,13 @@ class PackageList(BaseModel):
 
 
 class CreatePayment(RequestModel):
-    package_id: str = Field(min_length=1, max_length=64, pattern=r"^[a-z0-9_]+$")
+    package_id: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[a-z0-9_]+$",
+        description="An `id` from GET /api/packages",
+        examples=["tokens_50"],
+    )
 
 
 class PaymentCreated(BaseModel):

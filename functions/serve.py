@@ -12,6 +12,10 @@ from __future__ import annotations
 import os
 import secrets
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,24 @@ class ServeOptions:
 
 def _print(line: str) -> None:
     print(line, flush=True)  # noqa: T201 - the CLI talks to a person
+
+
+def server_config(app: Any, host: str, port: int, **overrides: Any) -> uvicorn.Config:
+    """How `dreamlens serve` runs uvicorn (tests serve the app with exactly
+    this, passing only logging overrides)."""
+    import uvicorn
+
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_level": "warning",
+        # the source IP decides the webhook allowlist and the signup limit:
+        # never take it from a client-supplied X-Forwarded-For, X-Real-IP or
+        # Forwarded (uvicorn trusts them from 127.0.0.1 by default)
+        "proxy_headers": False,
+        **overrides,
+    }
+    return uvicorn.Config(app, **options)
 
 
 async def serve(options: ServeOptions) -> int:
@@ -55,17 +77,7 @@ async def serve(options: ServeOptions) -> int:
         _print(f"  payments: fake YooKassa at {fake.api_url} (pay on its checkout page)")
     _print(f"  worker callback secret (X-Callback-Secret): {os.environ['GENERATION_CALLBACK_SECRET']}")
 
-    server = uvicorn.Server(
-        uvicorn.Config(
-            local.build(),
-            host=options.host,
-            port=options.port,
-            log_level="warning",
-            # the source IP decides the webhook allowlist and the signup limit:
-            # never take it from a client-supplied X-Forwarded-For
-            proxy_headers=False,
-        )
-    )
+    server = uvicorn.Server(server_config(local.build(), options.host, options.port))
     try:
         await server.serve()
     finally:

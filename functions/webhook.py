@@ -29,7 +29,7 @@ import logging
 from typing import Any, Literal
 
 from mangum import Mangum
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -60,8 +60,11 @@ class YooKassaNotification(BaseModel):
     """What YooKassa posts (documented here; the handler parses the raw body)."""
 
     type: Literal["notification"]
-    event: str
-    object: dict[str, Any]
+    event: str = Field(examples=["payment.succeeded", "refund.succeeded"])
+    object: dict[str, Any] = Field(
+        examples=[{"id": "2d7a5e3c-000f-5000-9000-1b68e7b15f3f", "status": "succeeded"}],
+        description="The payment or refund; its status is re-read from YooKassa's API, never taken from here",
+    )
 
 
 class WebhookAck(BaseModel):

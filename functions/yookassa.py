@@ -85,6 +85,9 @@ _EVENT = re.compile(r"^[a-z_]+\.[a-z_]+$")
 # provider object ids go into URL paths: letters, digits, dashes, underscores
 _PROVIDER_ID = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 _CENT = Decimal("0.01")
+# minor units are stored as bigint
+MAX_MINOR_UNITS = 2**63 - 1
+MAX_AMOUNT_DIGITS = 17  # the most significant digit of an amount below that
 
 
 # ------------------------------------------------------------------ amounts
@@ -102,11 +105,15 @@ def amount_to_minor_units(value: object) -> int:
         amount = Decimal(str(value).strip())
     except InvalidOperation as exc:
         raise InvalidRequest(f"Not an amount: {value!r}") from exc
-    if not amount.is_finite() or amount < 0:
+    # an exponent like 1e999999999 is finite, but multiplying it overflows
+    # the decimal context (a 500, not a refusal): bound it first
+    if not amount.is_finite() or amount < 0 or amount.adjusted() > MAX_AMOUNT_DIGITS:
         raise InvalidRequest(f"Not an amount: {value!r}")
     minor = amount * 100
     if minor != minor.to_integral_value():
         raise InvalidRequest(f"An amount has at most two decimal places: {value!r}")
+    if minor > MAX_MINOR_UNITS:
+        raise InvalidRequest(f"Not an amount: {value!r}")
     return int(minor)
 
 
@@ -158,7 +165,8 @@ def parse_notification(body: bytes | str | Mapping[str, Any]) -> Notification:
     if isinstance(body, bytes | str):
         try:
             data: object = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            # RecursionError: nesting deeper than the parser goes (within 64 KiB)
             raise InvalidRequest("A notification is a JSON object") from exc
     else:
         data = body

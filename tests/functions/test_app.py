@@ -33,7 +33,14 @@ from database import (
 )
 from functions import settings
 from functions.app import build_app
-from functions.http import RequestModel, idempotency_key, json_response, page_params, read_json
+from functions.http import (
+    MAX_DETAILS,
+    RequestModel,
+    idempotency_key,
+    json_response,
+    page_params,
+    read_json,
+)
 from tests.functions.lambda_events import EVENT_BUILDERS, invoke
 
 SOME_USER = UUID("0b7d3a52-6a43-4c8e-9a55-2f9f0c1e5d11")
@@ -361,6 +368,18 @@ async def test_validation_details_never_echo_the_input() -> None:
     response = await invoke(handler, EVENT_BUILDERS["v2"]("POST", "/test/echo", body=body))
     assert response.status == 422
     assert "my secret prompt" not in json.dumps(response.body)
+
+
+async def test_validation_details_are_bounded_for_a_body_of_many_unknown_keys() -> None:
+    """Regression: a 422 listed one issue per unknown key, so 64 KiB of short
+    keys came back as a ~550 KB answer, and with a raised MAX_BODY_BYTES as
+    one over the 6 MB a Lambda may return (bad input ending as a failed
+    invocation). At most MAX_DETAILS issues now."""
+    body = "{" + ",".join(f'"k{n}":0' for n in range(6000)) + "}"
+    response = await invoke(handler, EVENT_BUILDERS["v2"]("POST", "/test/echo", body=body))
+    assert response.status == 422
+    assert len(response.body["details"]) == MAX_DETAILS
+    assert len(json.dumps(response.body)) < 4096
 
 
 async def test_empty_body_reads_as_an_empty_object() -> None:

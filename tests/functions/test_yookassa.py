@@ -203,6 +203,27 @@ def test_inexact_or_garbage_amounts_are_refused(value: object) -> None:
         amount_to_minor_units(value)
 
 
+@pytest.mark.parametrize("value", ["1e999999999", "1E+999999", "9" * 400, 2**70, "92233720368547758.08"])
+def test_amounts_too_large_to_store_are_refused_not_a_crash(value: object) -> None:
+    """Regression: '1e999999999' is a finite Decimal whose `* 100` overflowed
+    the decimal context, so a notification carrying it was a 500 (and a
+    5,000-digit amount became a 5,000-digit int). Amounts must fit the bigint
+    minor units they are stored as."""
+    with pytest.raises(InvalidRequest):
+        amount_to_minor_units(value)
+
+
+def test_the_largest_storable_amount_is_accepted() -> None:
+    assert amount_to_minor_units("92233720368547758.07") == 2**63 - 1
+
+
+def test_a_notification_nested_deeper_than_the_parser_goes_is_invalid() -> None:
+    """Regression: 30,000 nested arrays (60 KB, within the body limit) made
+    json.loads raise RecursionError, which escaped as a 500 from the webhook."""
+    with pytest.raises(InvalidRequest):
+        parse_notification("[" * 30_000 + "]" * 30_000)
+
+
 def test_minor_units_become_the_providers_decimal_string() -> None:
     assert [minor_units_to_amount(m) for m in (9900, 1, 0, 10, 149900)] == [
         "99.00",
