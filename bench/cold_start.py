@@ -10,19 +10,35 @@ launch (CLOCK_MONOTONIC is system-wide), so interpreter start-up, imports,
 the first event and any database connect count, and process exit does not.
 The child imports nothing from bench/ beyond the module under test.
 
-`uv run python bench/cold_start.py` measures the FastAPI + Mangum hello world
-(the peer) and the Starlette + Mangum one side by side.
+`uv run python bench/cold_start.py` measures, runs interleaved, median of 10:
+
+- functions.generations answering POST /api/generations and functions.tokens
+  answering GET /api/tokens for a device caller, each including the database
+  connect, the identity lookup and the statement (bench database, schema
+  applied); reach ≤ 250 ms;
+- functions.generations for a Clerk caller (a signed session token: PyJWT and
+  cryptography load on the first Bearer token);
+- the FastAPI + Mangum hello world (the peer) and the Starlette + Mangum one
+  (the floor the functions stand on);
+
+then the lazy initialization of an empty database: a fresh process whose
+first POST /api/generations finds no schema, creates it and is answered,
+against its second request; and where the import time goes
+(`python -X importtime`, by package).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -53,18 +69,61 @@ print("RESPONSE", done, response.get("statusCode"), flush=True)
 """
 
 
+# lazy init: argv = module, first event file, second event file; both timed
+CHILD_TWICE = CHILD.replace(
+    'print("RESPONSE", done, response.get("statusCode"), flush=True)',
+    """with open(sys.argv[4]) as file:
+    second_event = json.load(file)
+started = time.perf_counter()
+second = handler(second_event, Context())
+second_ms = (time.perf_counter() - started) * 1000
+print("RESPONSE", done, response.get("statusCode"), second.get("statusCode"), second_ms, flush=True)""",
+)
+
+
 class ColdStartFailed(RuntimeError):
     pass
 
 
-def _child_env(extra: dict[str, str] | None) -> dict[str, str]:
+def _child_env(extra: dict[str, str | None] | None) -> dict[str, str]:
+    """This environment, the checkout and bench/ on PYTHONPATH, and `extra`
+    (a None value removes the variable)."""
     env = dict(os.environ)
     paths = [str(ROOT), str(BENCH_DIR)]
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
-    env.update(extra or {})
+    for name, value in (extra or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     return env
+
+
+def bytecode_env(cache_dir: Path | None) -> dict[str, str | None]:
+    """With a directory: bytecode written there on the first launch and read
+    by the next (PYTHONPYCACHEPREFIX; the checkout and .venv stay untouched),
+    as in a package that ships .pyc files. None: no bytecode written or read
+    beyond what the interpreter's own standard library carries, as in a
+    package shipped without it on Lambda's read-only code directory."""
+    if cache_dir is None:
+        return {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": None}
+    return {"PYTHONDONTWRITEBYTECODE": None, "PYTHONPYCACHEPREFIX": str(cache_dir)}
+
+
+def bytecode_in_checkout() -> list[Path]:
+    """__pycache__ directories the "no bytecode" runs would still read."""
+    found = []
+    for base in (ROOT / "functions", ROOT / "database", ROOT / "repositories", Path(pydantic_dir())):
+        found += [path for path in base.glob("__pycache__") if any(path.iterdir())]
+    return found
+
+
+def pydantic_dir() -> str:
+    import pydantic
+
+    return os.path.dirname(pydantic.__file__)
 
 
 def launch_once(
@@ -72,7 +131,7 @@ def launch_once(
     event_file: Path | str,
     *,
     handler: str = "handler",
-    env: dict[str, str] | None = None,
+    env: dict[str, str | None] | None = None,
     timeout_s: float = 60,
     expect_status: int | None = 200,
 ) -> float:
@@ -163,34 +222,269 @@ def write_event(event: dict[str, object], directory: Path | None = None) -> Path
     return Path(name)
 
 
-def main() -> None:
-    from harness import api_gateway_v2_event, banner
+@dataclass(frozen=True)
+class Launch:
+    """One kind of fresh process: a module answering an event."""
 
-    banner("cold start: hello-world handlers, fresh process per run, median of 10")
-    event_file = write_event(api_gateway_v2_event("GET", "/api/hello"))
-    try:
-        # side by side: same event, runs interleaved
-        measured = compare_cold_starts(["cold_start_peer", "cold_start_starlette_peer"], event_file)
-        fastapi_ms, starlette_ms = measured["cold_start_peer"], measured["cold_start_starlette_peer"]
-    finally:
-        event_file.unlink()
-    python_ms = measure_import("pass")
-    fastapi_import_ms = measure_import("import fastapi")
-    starlette_import_ms = measure_import("import starlette.applications, mangum, asyncpg")
+    module: str
+    event_file: Path
+    expect_status: int = 200
+    env: dict[str, str | None] | None = None
 
-    def show(label: str, samples: list[float]) -> None:
-        print(
-            f"{label:<52} median {statistics.median(samples):6.1f} ms "
-            f"(min {min(samples):.1f}, max {max(samples):.1f}, n={len(samples)})"
+
+def compare_launches(
+    launches: dict[str, Launch], runs: int = 10, *, warmup: int = 1, budget_s: float = 300
+) -> dict[str, list[float]]:
+    """Like compare_cold_starts, for launches that differ in event, status
+    and environment: runs interleaved, the order turning each round."""
+    deadline = time.monotonic() + budget_s
+    for launch in launches.values():
+        for _ in range(warmup):
+            launch_once(launch.module, launch.event_file, env=launch.env, expect_status=launch.expect_status)
+    samples: dict[str, list[float]] = {name: [] for name in launches}
+    order = list(launches)
+    for _ in range(runs):
+        for name in order:
+            launch = launches[name]
+            samples[name].append(
+                launch_once(
+                    launch.module, launch.event_file, env=launch.env, expect_status=launch.expect_status
+                )
+            )
+        order = order[1:] + order[:1]
+        if time.monotonic() > deadline:
+            print(f"  (time budget of {budget_s:g} s reached after {len(samples[order[0]])} runs)")
+            break
+    return samples
+
+
+def launch_twice(
+    module: str, first_event: Path, second_event: Path, env: dict[str, str | None], timeout_s: float = 120
+) -> tuple[float, float]:
+    """A fresh process answering two events: (ms from launch to the first
+    response, ms of the second request alone)."""
+    command = [sys.executable, "-c", CHILD_TWICE, module, str(first_event), "handler", str(second_event)]
+    started = time.monotonic_ns()
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout_s, env=_child_env(env), cwd=ROOT, check=False
+    )
+    lines = [line for line in completed.stdout.splitlines() if line.startswith("RESPONSE ")]
+    if completed.returncode != 0 or not lines:
+        raise ColdStartFailed(
+            f"{module}: exit {completed.returncode}\n{completed.stdout}\n{completed.stderr}"
         )
+    _, done, first_status, second_status, second_ms = lines[-1].split()
+    if (first_status, second_status) != ("201", "201"):
+        raise ColdStartFailed(f"{module} answered {first_status}, {second_status}:\n{completed.stdout}")
+    return (int(done) - started) / 1e6, float(second_ms)
 
-    show("FastAPI + Mangum hello, launch to first response", fastapi_ms)
-    show("Starlette + Mangum hello, launch to first response", starlette_ms)
-    show("python -c pass (interpreter start and exit)", python_ms)
-    show("python -c 'import fastapi'", fastapi_import_ms)
-    show("python -c 'import starlette, mangum, asyncpg'", starlette_import_ms)
-    ratio = statistics.median(starlette_ms) / statistics.median(fastapi_ms)
-    print(f"Starlette / FastAPI cold start: {ratio:.2f}x")
+
+def import_time_by_package(
+    module: str, top: int = 12, env: dict[str, str | None] | None = None
+) -> list[tuple[str, float]]:
+    """`python -X importtime -c 'import module'`: self time summed by top-level package, ms."""
+    completed = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", f"import {module}"],
+        capture_output=True,
+        text=True,
+        env=_child_env(env),
+        cwd=ROOT,
+        check=True,
+        timeout=60,
+    )
+    totals: dict[str, float] = {}
+    for line in completed.stderr.splitlines():
+        match = re.match(r"import time:\s+(\d+) \|\s+\d+ \| \s*(\S+)", line)
+        if match:
+            package = match.group(2).split(".")[0]
+            totals[package] = totals.get(package, 0.0) + int(match.group(1)) / 1000
+    return sorted(totals.items(), key=lambda item: item[1], reverse=True)[:top]
+
+
+# ------------------------------------------------------------------ the run
+
+TARGET_MS = 250.0
+RUNS = 10
+LAZY_INIT_RUNS = 3
+
+
+def _clerk_session(subject: str) -> tuple[str, str]:
+    """A fresh RSA key pair's public PEM (CLERK_JWT_KEY) and a session token
+    it verifies, valid for ten minutes."""
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = (
+        private.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    now = int(time.time())
+    claims = {"sub": subject, "iat": now - 5, "nbf": now - 5, "exp": now + 600}
+    return pem, jwt.encode(claims, private, algorithm="RS256")
+
+
+async def _seed(url: str) -> tuple[str, str]:
+    """A device caller and a Clerk user (by clerk id), on the bench plan with tokens to spend."""
+    import asyncpg
+    from harness import seed_users
+    from workload import grant_bench_plan, seed_callers
+
+    connection = await asyncpg.connect(url)
+    try:
+        device = await seed_callers(connection, 1, balance=1_000_000, prefix="cold")
+        clerk = await seed_users(connection, 1, balance=1_000_000, prefix="user_cold", kind="clerk")
+        await grant_bench_plan(connection, clerk.ids)
+    finally:
+        await connection.close()
+    return device.identities[0], clerk.identities[0]
+
+
+async def _create_empty(admin_url: str, name: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(admin_url)
+    try:
+        await connection.execute(f'drop database if exists "{name}" with (force)')
+        await connection.execute(f'create database "{name}"')
+    finally:
+        await connection.close()
+
+
+async def _drop(admin_url: str, name: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(admin_url)
+    try:
+        await connection.execute(f'drop database if exists "{name}" with (force)')
+    finally:
+        await connection.close()
+
+
+def _show(label: str, samples: list[float]) -> str:
+    return (
+        f"median {statistics.median(samples):6.1f} ms "
+        f"(min {min(samples):.1f}, max {max(samples):.1f}, n={len(samples)})"
+    )
+
+
+def main() -> None:
+    from harness import api_gateway_v2_event, banner, bench_database, run_sync, with_database
+    from workload import Figures, generation_event, load_line
+
+    figures = Figures("cold_start")
+    with bench_database() as database, tempfile.TemporaryDirectory(prefix="cold-start-") as scratch:
+        banner("cold start: fresh process per run, launch to first response, runs interleaved", database)
+        print(f"before: {load_line()}")
+        directory = Path(scratch)
+        device, clerk_id = run_sync(lambda: _seed(database.url))
+        pem, token = _clerk_session(clerk_id)
+        events = {
+            "generation": generation_event(device),
+            "tokens": api_gateway_v2_event("GET", "/api/tokens", headers={"X-Device-Id": device}),
+            "clerk": api_gateway_v2_event(
+                "POST",
+                "/api/generations",
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+                body={"prompt": "a lighthouse at dawn, oil on canvas"},
+            ),
+            "hello": api_gateway_v2_event("GET", "/api/hello"),
+        }
+        files = {name: write_event(event, directory) for name, event in events.items()}
+        compiled = bytecode_env(directory / "pycache")
+        source = bytecode_env(None)
+        database_env: dict[str, str | None] = {"DATABASE_URL": database.url}
+        clerk_env: dict[str, str | None] = {**database_env, "CLERK_JWT_KEY": pem}
+        generation, tokens, clerk = (
+            "POST /api/generations, device",
+            "GET /api/tokens, device",
+            ("POST /api/generations, Clerk"),
+        )
+        launches = {
+            f"{generation} (bytecode)": Launch(
+                "functions.generations", files["generation"], 201, {**database_env, **compiled}
+            ),
+            f"{tokens} (bytecode)": Launch(
+                "functions.tokens", files["tokens"], 200, {**database_env, **compiled}
+            ),
+            f"{clerk} (bytecode)": Launch(
+                "functions.generations", files["clerk"], 201, {**clerk_env, **compiled}
+            ),
+            "peer: FastAPI + Mangum hello (bytecode)": Launch(
+                "cold_start_peer", files["hello"], 200, compiled
+            ),
+            "floor: Starlette + Mangum hello (bytecode)": Launch(
+                "cold_start_starlette_peer", files["hello"], 200, compiled
+            ),
+            f"{generation} (no bytecode)": Launch(
+                "functions.generations", files["generation"], 201, {**database_env, **source}
+            ),
+            f"{tokens} (no bytecode)": Launch(
+                "functions.tokens", files["tokens"], 200, {**database_env, **source}
+            ),
+            "peer: FastAPI + Mangum hello (no bytecode)": Launch(
+                "cold_start_peer", files["hello"], 200, source
+            ),
+        }
+        stale = bytecode_in_checkout()
+        if stale:
+            print(f"note: bytecode found in {', '.join(map(str, stale))}: the no-bytecode runs read it")
+        measured = compare_launches(launches, RUNS)
+        print(f"after:  {load_line()}")
+        width = max(map(len, launches))
+        for name, samples in measured.items():
+            print(f"{name:<{width}}  {_show(name, samples)}")
+        print(
+            "(bytecode: .pyc written by an untimed first launch, as a package that ships it; no bytecode:"
+            " every project and library module compiled at import, as a package shipped without it)"
+        )
+        for name, samples in measured.items():
+            if not name.startswith(("peer", "floor")):
+                figures.reach(
+                    f"cold start {name} (median of {len(samples)})",
+                    statistics.median(samples),
+                    TARGET_MS,
+                    unit=" ms",
+                    digits=0,
+                )
+        for mode in ("bytecode", "no bytecode"):
+            peer = statistics.median(measured[f"peer: FastAPI + Mangum hello ({mode})"])
+            ours = statistics.median(measured[f"{generation} ({mode})"])
+            figures.note(f"cold start peer: FastAPI + Mangum hello ({mode}, median)", f"{peer:.0f} ms")
+            figures.note(f"cold start {generation} / FastAPI hello ({mode})", f"{ours / peer:.2f}")
+
+        # lazy init: each run a fresh empty database on the same server
+        first_ms: list[float] = []
+        second_ms: list[float] = []
+        for run in range(LAZY_INIT_RUNS):
+            name = f"{database.name}_empty_{run}"
+            run_sync(partial(_create_empty, database.admin_url, name))
+            try:
+                env = {"DATABASE_URL": with_database(database.admin_url, name), **compiled}
+                second = write_event(generation_event(device), directory)
+                first, again = launch_twice("functions.generations", files["generation"], second, env)
+            finally:
+                run_sync(partial(_drop, database.admin_url, name))
+            first_ms.append(first)
+            second_ms.append(again)
+        with_schema = statistics.median(measured[f"{generation} (bytecode)"])
+        print(f"empty database, launch to first response (schema created on the way): {_show('', first_ms)}")
+        print(f"  its second request: {_show('', second_ms)}")
+        figures.note(
+            "lazy init: empty database, first POST /api/generations (bytecode, launch to response)",
+            f"{statistics.median(first_ms):.0f} ms (median of {len(first_ms)}; "
+            f"{statistics.median(first_ms) - with_schema:+.0f} ms against the schema already there)",
+        )
+        figures.note("lazy init: its second request", f"{statistics.median(second_ms):.1f} ms")
+
+        print(
+            "\nimport time of functions.generations by package (python -X importtime, self time, bytecode):"
+        )
+        for package, ms in import_time_by_package("functions.generations", env=compiled):
+            print(f"  {ms:7.1f} ms  {package}")
+    figures.save()
 
 
 if __name__ == "__main__":

@@ -72,9 +72,12 @@ class DelayProxy:
         self.port = port
         self.connections = 0
         # chunks forwarded each way; a client's statement (or pipelined batch)
-        # is one chunk, so chunks_to_server counts round trips on the wire
+        # is usually one chunk, so chunks_to_server counts round trips on the wire
         self.chunks_to_server = 0
         self.chunks_to_client = 0
+        # exactly: the client speaking again after the server answered (a
+        # message written in pieces is several chunks but one turn)
+        self.turns_to_server = 0
         # how late this machine wakes a sleeping loop; subtracted from each wait
         self.lateness = 0.0
         self._server: asyncio.Server | None = None
@@ -129,10 +132,12 @@ class DelayProxy:
             client_writer.close()
             self._tasks.discard(task)
             return
+        # who spoke last on this connection: "server" or "client"
+        last: list[str] = ["server"]
         try:
             await asyncio.gather(
-                self._direction(client_reader, server_writer, to_server=True),
-                self._direction(server_reader, client_writer, to_server=False),
+                self._direction(client_reader, server_writer, to_server=True, last=last),
+                self._direction(server_reader, client_writer, to_server=False, last=last),
             )
         except asyncio.CancelledError:
             # close() stops connections still open; this task is their root,
@@ -148,7 +153,12 @@ class DelayProxy:
         return self.chunks_to_server + self.chunks_to_client
 
     async def _direction(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, to_server: bool
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        to_server: bool,
+        last: list[str],
     ) -> None:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue(maxsize=QUEUE_CHUNKS)
@@ -177,8 +187,12 @@ class DelayProxy:
                     return
                 if to_server:
                     self.chunks_to_server += 1
+                    if last[0] == "server":
+                        self.turns_to_server += 1
+                    last[0] = "client"
                 else:
                     self.chunks_to_client += 1
+                    last[0] = "server"
                 try:
                     writer.write(data)
                     await writer.drain()

@@ -29,7 +29,6 @@ from functools import lru_cache
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-import jwt
 from cachetools import TTLCache
 from starlette.requests import Request
 
@@ -95,6 +94,10 @@ def _public_key(raw: str) -> RSAPublicKey:
 
 def verify_session_token(token: str) -> dict[str, Any]:
     """The claims of a valid Clerk session token; Unauthorized for anything else."""
+    # PyJWT loads cryptography (RSA, EC, X.509): imported by the first Bearer
+    # token, so a cold start serving a device, the webhook or the worker never pays it
+    import jwt
+
     raw_key = settings.clerk_jwt_key()
     if raw_key is None:
         raise ConfigurationError("CLERK_JWT_KEY is not set: Clerk session tokens cannot be verified")

@@ -7,7 +7,16 @@ import logging
 import asyncpg
 import pytest
 
-from database import Conflict, InvalidRequest, Transaction, pool, sql, stats, transaction
+from database import (
+    Conflict,
+    DatabaseUnavailable,
+    InvalidRequest,
+    Transaction,
+    pool,
+    sql,
+    stats,
+    transaction,
+)
 from database.executor import run_in_transaction
 from tests import db
 
@@ -51,6 +60,12 @@ async def test_terminated_write_is_applied_once_by_its_key(admin: asyncpg.Connec
         assert keys == ["welcome_bonus", "retry-key"]
     finally:
         await admin.execute("drop sequence fault_once")
+
+
+async def test_a_fault_that_persists_is_tried_three_times_then_unavailable() -> None:
+    with stats.collect() as counted, pytest.raises(DatabaseUnavailable):
+        await sql.fetchval("select pg_terminate_backend(pg_backend_pid())")
+    assert (counted.attempts, counted.retries) == (3, 2)
 
 
 async def test_unique_violation_is_not_retried(admin: asyncpg.Connection) -> None:
