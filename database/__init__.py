@@ -1,6 +1,7 @@
 """The only package that imports asyncpg. Everything else goes through `sql`
 (or a `transaction()`), and sees the project's errors, never asyncpg's."""
 
+from database.budget import time_budget
 from database.cache import cached_balance, invalidate_balance, remember_balance
 from database.errors import (
     ConfigurationError,
@@ -53,5 +54,6 @@ __all__ = [
     "run_in_transaction",
     "run_with_retries",
     "sql",
+    "time_budget",
     "transaction",
 ]

@@ -10,6 +10,13 @@ only after a transient fault: building its retry machinery around every
 statement cost a warm POST /api/generations 70-250 µs of CPU and ~0.2 ms of
 its ~1.4 ms p50 (bench/warm_overhead.py), and its import cost every cold start.
 
+Inside a request's time budget (database/budget.py) every pool acquire,
+statement, BEGIN and COMMIT is bounded by the time left, and no retry starts
+that could not finish. A connection whose statement ran out of time, or
+whose protocol lost its footing, is dropped, never handed out again: the
+cancel request asyncpg would send and wait for takes the road that just
+failed, and the server rolls back a connection that goes away.
+
 A write may be retried after an unknown outcome only because every write in
 repositories/ is idempotent by key: the ledger's idempotency key, the
 provider's payment id, the generation id. A statement that is not must not
@@ -18,6 +25,7 @@ be sent through sql().
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -25,7 +33,7 @@ from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
-from database import config, pool, stats
+from database import budget, config, pool, stats
 from database.errors import is_transient as _is_transient
 from database.errors import translate
 from database.migrations import ensure_initialized
@@ -53,10 +61,16 @@ def round_trips_per_statement() -> int:
     return 1 if config.settings().statement_cache_size > 0 else 2
 
 
+def _timeout() -> float | None:
+    """One operation's timeout: the configured command timeout, or less when
+    the request's budget has less left (TimeoutError when it is spent)."""
+    return budget.bounded(config.settings().command_timeout or None)
+
+
 async def _timed(connection: Connection, method: str, query: str, args: tuple[Any, ...]) -> Any:
     started = time.perf_counter()
     try:
-        return await getattr(connection, method)(query, *args)
+        return await getattr(connection, method)(query, *args, timeout=_timeout())
     finally:
         ms = (time.perf_counter() - started) * 1000
         stats.record(
@@ -78,13 +92,20 @@ async def _attempt(work: Callable[[], Awaitable[T]]) -> T:
 
 async def _retry(work: Callable[[], Awaitable[T]], failure: BaseException) -> T:
     """Attempts 2..MAX_ATTEMPTS after the transient `failure` of the first,
-    with tenacity's backoff. Tenacity's first attempt replays that failure,
-    so its wait and stop count it as made."""
+    with tenacity's backoff, and none the request's budget could not fit.
+    Tenacity's first attempt replays that failure, so its wait and stop count
+    it as made. Imported here: a warm request that never fails never pays
+    for tenacity."""
     from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
+    from tenacity.stop import stop_base
+
+    class OutOfTime(stop_base):
+        def __call__(self, retry_state: object) -> bool:
+            return budget.too_late_to_retry()
 
     replayed = False
     async for attempt in AsyncRetrying(
-        stop=stop_after_attempt(MAX_ATTEMPTS),
+        stop=stop_after_attempt(MAX_ATTEMPTS) | OutOfTime(),
         wait=wait_exponential(multiplier=0.1, max=2) + wait_random(0, 0.05),
         retry=retry_if_exception(_is_transient),
         reraise=True,
@@ -122,16 +143,39 @@ async def run_with_retries(work: Callable[[], Awaitable[T]]) -> T:
 
 @asynccontextmanager
 async def _pooled() -> AsyncIterator[Connection]:
-    """A connection from the pool, discarded instead of returned when its
+    """A connection from the pool (both bounded by the request's budget),
+    dropped instead of returned when a statement on it ran out of time or its
     protocol lost its footing (errors.PROTOCOL_LOST): asyncpg would otherwise
-    hand the same broken connection to the next request."""
-    connection_pool = await pool.get_pool()
-    async with connection_pool.acquire() as connection:
+    wait on it, or hand the same broken connection to the next request."""
+    async with asyncio.timeout(budget.bounded(None)):
+        connection_pool = await pool.get_pool()
+    async with connection_pool.acquire(timeout=budget.bounded(None)) as connection:
         try:
             yield connection
-        except asyncpg.InternalClientError:
+        except (asyncpg.InternalClientError, TimeoutError):
             connection.terminate()
             raise
+
+
+async def _command(connection: Connection, command: str) -> None:
+    """BEGIN or COMMIT: a round trip, though not a statement we wrote."""
+    await connection.execute(command, timeout=_timeout())
+    stats.record_round_trips(1)
+
+
+async def _roll_back(connection: Connection) -> None:
+    """ROLLBACK, or drop the connection when that cannot be done in time: the
+    server rolls back the transaction of a connection that goes away."""
+    if connection.is_closed() or not connection.is_in_transaction():
+        return
+    try:
+        await connection.execute("rollback", timeout=_timeout())
+        stats.record_round_trips(1)
+    except Exception:
+        connection.terminate()
+    except BaseException:
+        connection.terminate()
+        raise
 
 
 class Sql:
@@ -199,18 +243,13 @@ async def transaction() -> AsyncIterator[Transaction]:
     """
     try:
         async with _pooled() as connection:
-            tx = connection.transaction()
-            await tx.start()
-            stats.record_round_trips(1)
+            await _command(connection, "begin")
             try:
                 yield Transaction(connection)
+                await _command(connection, "commit")
             except BaseException:
-                if not connection.is_closed():
-                    await tx.rollback()
-                    stats.record_round_trips(1)
+                await _roll_back(connection)
                 raise
-            await tx.commit()
-            stats.record_round_trips(1)
     except BaseException as exc:
         translated = translate(exc)
         if translated is exc:
@@ -223,8 +262,14 @@ async def run_in_transaction(work: Callable[[Transaction], Awaitable[T]]) -> T:
     with lazy init of an empty database."""
 
     async def once() -> T:
-        async with _pooled() as connection, connection.transaction():
-            stats.record_round_trips(2)  # BEGIN and COMMIT
-            return await work(Transaction(connection))
+        async with _pooled() as connection:
+            await _command(connection, "begin")
+            try:
+                result = await work(Transaction(connection))
+                await _command(connection, "commit")
+            except BaseException:
+                await _roll_back(connection)
+                raise
+            return result
 
     return await run_with_retries(once)

@@ -9,7 +9,10 @@ It adds, outermost first:
 1. RequestLog: one JSON log line per request (functions/logging.py) with the
    database totals of the request, an `X-Request-Id` response header, and the
    last line of defence: an exception nothing else handled becomes 500
-   `internal` (logged with its traceback, never shown).
+   `internal` (logged with its traceback, never shown). In Lambda it also
+   bounds the request's database work by the invocation's remaining time
+   (database_budget), so a database that stops answering is a 503 before
+   Lambda stops the function, never a dead invocation.
 2. BodyLimit: request bodies over MAX_BODY_BYTES are refused with 413, from
    Content-Length before the app runs and while the body streams in.
 3. Exception handlers, in one place: the project's errors and Starlette's
@@ -35,7 +38,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from database import DreamLensError, stats
+from database import DreamLensError, stats, time_budget
 from functions import settings
 from functions.errors import (
     MalformedRequest,
@@ -67,6 +70,27 @@ def request_id(scope: Scope) -> str:
         if cleaned:
             return cleaned
     return uuid.uuid4().hex
+
+
+# what the answer needs once the database has given up: a 503 takes no
+# database work, only the response and the log line
+RESPONSE_RESERVE_SECONDS = 1.0
+MIN_DATABASE_SECONDS = 0.5
+
+
+def database_budget(scope: Scope) -> float | None:
+    """Seconds the request's database work may take: the Lambda's remaining
+    time less RESPONSE_RESERVE_SECONDS (at least MIN_DATABASE_SECONDS);
+    None outside Lambda (the local server), where only the configured
+    timeouts apply."""
+    remaining = getattr(scope.get("aws.context"), "get_remaining_time_in_millis", None)
+    if not callable(remaining):
+        return None
+    try:
+        seconds = float(remaining()) / 1000
+    except (TypeError, ValueError):
+        return None
+    return max(MIN_DATABASE_SECONDS, seconds - RESPONSE_RESERVE_SECONDS)
 
 
 def _route_template(scope: Scope) -> str | None:
@@ -101,7 +125,7 @@ class RequestLog:
                 }
             await send(message)
 
-        with stats.collect() as counted:
+        with stats.collect() as counted, time_budget(database_budget(scope)):
             try:
                 # URLs kept in Secrets Manager must reach os.environ before the first statement
                 settings.load_database_secrets()

@@ -1,10 +1,14 @@
-"""A TCP proxy in front of PostgreSQL that holds a closed connection open.
+"""A TCP proxy in front of PostgreSQL that misbehaves as networks do.
 
-When the server closes a connection (a terminated backend sends its FATAL
-message, then closes), the proxy passes the message on at once but closes
-the client's side only `close_delay` seconds later. That widens, to as long
-as a test needs, the window a real network leaves open for a moment: the
-client has read the FATAL but not yet seen the socket close.
+* Lingering: when the server closes a connection (a terminated backend sends
+  its FATAL message, then closes), the proxy passes the message on at once
+  but closes the client's side only `close_delay` seconds later. That
+  widens, to as long as a test needs, the window a real network leaves open
+  for a moment: the client has read the FATAL but not yet seen the close.
+* Frozen: `freeze()` stops passing anything either way while every socket
+  stays open, as a failover or a dropped route leaves a connection
+  half-open: a statement sent then is never answered, and a new connection
+  is accepted but never greeted. `thaw()` passes on what was held.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ def _upstream(url: str) -> tuple[str | None, str, int]:
     return None, host, port
 
 
-class LingeringProxy:
+class FaultyProxy:
     def __init__(self, url: str, close_delay: float) -> None:
         self.target = url
         self.close_delay = close_delay
@@ -35,6 +39,8 @@ class LingeringProxy:
         # set once a server has closed a connection and everything it sent
         # before has been passed on to the client
         self.server_closed = asyncio.Event()
+        self._flowing = asyncio.Event()
+        self._flowing.set()
 
     @property
     def url(self) -> str:
@@ -44,7 +50,13 @@ class LingeringProxy:
         password = f":{parts.password}" if parts.password else ""
         return urlunsplit(("postgresql", f"{user}{password}@127.0.0.1:{self.port}", parts.path, "", ""))
 
-    async def start(self) -> LingeringProxy:
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
+    async def start(self) -> FaultyProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -64,6 +76,7 @@ class LingeringProxy:
         assert task is not None
         self._tasks.add(task)
         try:
+            await self._flowing.wait()  # frozen: accepted, never greeted
             path, host, port = _upstream(self.target)
             if path is not None:
                 server_reader, server_writer = await asyncio.open_unix_connection(path)
@@ -86,17 +99,17 @@ class LingeringProxy:
             client_writer.close()
             self._tasks.discard(task)
 
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             while data := await reader.read(65536):
+                await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
 
 
 @contextlib.asynccontextmanager
-async def lingering_proxy(url: str, close_delay: float = 2.0) -> AsyncIterator[LingeringProxy]:
-    proxy = await LingeringProxy(url, close_delay).start()
+async def faulty_proxy(url: str, close_delay: float = 2.0) -> AsyncIterator[FaultyProxy]:
+    proxy = await FaultyProxy(url, close_delay).start()
     try:
         yield proxy
     finally:

@@ -17,13 +17,13 @@ import pytest
 
 from database import Transaction, config, pool, sql, stats
 from database.executor import run_in_transaction
-from tests.reliability.proxy import LingeringProxy, lingering_proxy
+from tests.reliability.proxy import FaultyProxy, faulty_proxy
 
 
 @pytest.fixture
-async def proxy(direct_url: str) -> AsyncIterator[LingeringProxy]:
+async def proxy(direct_url: str) -> AsyncIterator[FaultyProxy]:
     """The app's pool, one connection wide, through the lingering proxy."""
-    async with lingering_proxy(direct_url, close_delay=1.0) as started:
+    async with faulty_proxy(direct_url, close_delay=1.0) as started:
         await pool.close_pool()
         config.configure(url=started.url, non_pooling_url=started.url, pool_min_size=1, pool_max_size=1)
         try:
@@ -32,7 +32,7 @@ async def proxy(direct_url: str) -> AsyncIterator[LingeringProxy]:
             await pool.close_pool()
 
 
-async def terminate(admin: asyncpg.Connection, proxy: LingeringProxy, pid: int) -> None:
+async def terminate(admin: asyncpg.Connection, proxy: FaultyProxy, pid: int) -> None:
     """Terminate a backend and let its FATAL reach the client, socket still open."""
     assert await admin.fetchval("select pg_terminate_backend($1)", pid)
     await proxy.server_closed.wait()
@@ -40,7 +40,7 @@ async def terminate(admin: asyncpg.Connection, proxy: LingeringProxy, pid: int) 
 
 
 async def test_a_pooled_connection_whose_backend_was_terminated_is_discarded_and_retried(
-    proxy: LingeringProxy, admin: asyncpg.Connection
+    proxy: FaultyProxy, admin: asyncpg.Connection
 ) -> None:
     """Bug: the next statement on a pooled connection whose backend had been
     terminated (its FATAL read, its close not yet seen) failed with asyncpg's
@@ -59,7 +59,7 @@ async def test_a_pooled_connection_whose_backend_was_terminated_is_discarded_and
 
 
 async def test_a_transaction_whose_backend_was_terminated_between_statements_is_retried_whole(
-    proxy: LingeringProxy, admin: asyncpg.Connection
+    proxy: FaultyProxy, admin: asyncpg.Connection
 ) -> None:
     """Bug: a backend terminated between a transaction's statements left
     COMMIT unable to start (InternalClientError "cannot switch to state 15"),

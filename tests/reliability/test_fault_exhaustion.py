@@ -37,19 +37,23 @@ select count(pg_terminate_backend(pid))
 
 async def take_every_slot(url: str, admin: asyncpg.Connection) -> list[asyncpg.Connection]:
     """Connections holding every slot the app's pool had or could get: its
-    backends are terminated and their slots taken, until none is left."""
+    backends are terminated and their slots taken, until a round finds no
+    app backend left and no slot free (a terminated backend frees its slot
+    only once it has exited, maybe after the round that filled the rest)."""
     hogs: list[asyncpg.Connection] = []
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         await admin.fetchval(TERMINATE_APP_BACKENDS)
+        taken = 0
         try:
             while True:
                 hogs.append(await asyncpg.connect(url))
+                taken += 1
         except asyncpg.TooManyConnectionsError:
             pass
         except asyncpg.CannotConnectNowError:
             continue
-        if await admin.fetchval(APP_BACKENDS) == 0:
+        if taken == 0 and await admin.fetchval(APP_BACKENDS) == 0:
             return hogs
     raise AssertionError("the app kept its connections")
 

@@ -1,0 +1,143 @@
+"""A database that stops answering, seen from a Lambda with little time left.
+
+A function is stopped at its timeout (15 s, serverless.yml); API Gateway
+then answers for it, without our body or Retry-After, and the client learns
+nothing. So a handler must answer 503 with Retry-After before that, however
+the database fails: a connect that is never answered (a blackholed address,
+a failover in progress), or a warm connection gone half-open (a statement
+sent, no answer ever coming back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from database import DatabaseUnavailable, Transaction, config, pool, sql, stats, time_budget
+from database.executor import run_in_transaction
+from functions import identity, settings, tokens
+from tests.functions import lambda_events
+from tests.functions.lambda_events import EVENT_BUILDERS, Invocation, LambdaContext, LambdaRuntime, invoke
+from tests.reliability.proxy import faulty_proxy
+
+REMAINING_MS = 4_000
+
+
+class ShortOfTime(LambdaContext):
+    """An invocation with 4 s left, less than one default connect timeout (5 s)."""
+
+    def get_remaining_time_in_millis(self) -> int:
+        return REMAINING_MS
+
+
+@pytest.fixture
+async def lambda_runtime() -> AsyncIterator[LambdaRuntime]:
+    settings.reset()
+    identity.forget_all()
+    runtime = LambdaRuntime()
+    lambda_events.use_runtime(runtime)
+    try:
+        yield runtime
+    finally:
+        lambda_events.use_runtime(None)
+        await runtime.close()
+        settings.reset()
+        identity.forget_all()
+
+
+async def balance_of(device: str, context: LambdaContext | None = None) -> tuple[Invocation, float]:
+    event = EVENT_BUILDERS["v2"]("GET", "/api/tokens", headers={"X-Device-Id": device})
+    started = time.perf_counter()
+    answer = await invoke(tokens.handler, event, context)
+    return answer, time.perf_counter() - started
+
+
+def assert_answered_in_time(answer: Invocation, seconds: float) -> None:
+    assert (answer.status, answer.body["error"]) == (503, "unavailable")
+    assert int(answer.headers["retry-after"]) >= 1
+    assert seconds < REMAINING_MS / 1000
+
+
+async def test_a_connect_never_answered_is_503_before_the_lambda_is_stopped(
+    lambda_runtime: LambdaRuntime,
+) -> None:
+    """Bug: sql() retried a connect that timed out (DB_CONNECT_TIMEOUT, 5 s)
+    three times whatever the invocation had left: 15.4 s against a database
+    that accepts and never answers, past the functions' 15 s timeout, so
+    Lambda stopped every such request before it could answer 503."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def accept_and_say_nothing(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    silent = await asyncio.start_server(accept_and_say_nothing, "127.0.0.1", 0)
+    url = f"postgresql://postgres@127.0.0.1:{silent.sockets[0].getsockname()[1]}/dreamlens"
+    try:
+        await pool.close_pool()
+        config.configure(url=url, non_pooling_url=url)
+        answer, seconds = await balance_of("device-silent-db-01", ShortOfTime())
+        assert_answered_in_time(answer, seconds)
+    finally:
+        silent.close()
+        for writer in held:
+            writer.close()
+
+
+async def test_a_warm_connection_gone_half_open_is_503_before_the_lambda_is_stopped(
+    lambda_runtime: LambdaRuntime, direct_url: str
+) -> None:
+    """Bug: a statement on a pooled connection that no longer answers waited
+    for asyncpg's command timeout (DB_COMMAND_TIMEOUT, 15 s) and then was
+    retried: Lambda stopped the request long before."""
+    async with faulty_proxy(direct_url, close_delay=0.0) as proxy:
+        await pool.close_pool()
+        config.configure(url=proxy.url, non_pooling_url=proxy.url, pool_min_size=1, pool_max_size=1)
+        warm, _ = await balance_of("device-half-open-1")
+        assert warm.status == 200
+        identity.forget_all()  # the next request must reach the database
+
+        proxy.freeze()
+        answer, seconds = await balance_of("device-half-open-1", ShortOfTime())
+        assert_answered_in_time(answer, seconds)
+
+        # the network comes back: the same warm process answers again
+        proxy.thaw()
+        again, _ = await balance_of("device-half-open-1")
+        assert again.status == 200
+        await lambda_runtime.close_pool()
+
+
+async def test_a_transaction_on_a_half_open_connection_gives_up_within_its_budget(direct_url: str) -> None:
+    """Bug (the same, for transactions): BEGIN and COMMIT went out with no
+    bound but asyncpg's command timeout, so a unit of work on a half-open
+    connection waited 15 s before its first statement could even start."""
+
+    async def sign_up(tx: Transaction) -> int:
+        await tx.execute("insert into users (clerk_id) values ('user_half_open_tx')")
+        count: int = await tx.fetchval("select count(*) from users")
+        return count
+
+    async with faulty_proxy(direct_url, close_delay=0.0) as proxy:
+        await pool.close_pool()
+        config.configure(url=proxy.url, non_pooling_url=proxy.url, pool_min_size=1, pool_max_size=1)
+        try:
+            assert await sql.fetchval("select 1") == 1  # a warm connection
+            proxy.freeze()
+            started = time.perf_counter()
+            with pytest.raises(DatabaseUnavailable), time_budget(1.5):
+                await run_in_transaction(sign_up)
+            assert time.perf_counter() - started < 2.5
+            proxy.thaw()
+            with time_budget(5.0):
+                assert await run_in_transaction(sign_up) == 1
+        finally:
+            await pool.close_pool()
+
+
+async def test_no_attempt_starts_once_the_budget_is_spent() -> None:
+    with stats.collect() as counted, pytest.raises(DatabaseUnavailable), time_budget(0):
+        await sql.fetchval("select 1")
+    assert (counted.attempts, counted.statements) == (1, 0)
