@@ -220,6 +220,10 @@ async def paid_at_provider(
     provider_id = created.body["confirmation_url"].rsplit("/", 1)[1]
     provider_payment = await running_fake.succeed(provider_id)
     await close_provider_client(abuse_runtime)
+    # the runtime's connections are closed on its own loop before a served
+    # request on this one would need the pool (a pool dropped from another
+    # loop leaves its sockets open)
+    await abuse_runtime.close_pool()
     yield {
         "buyer": buyer,
         "notification": payment_notification("payment.succeeded", provider_payment["object"]),

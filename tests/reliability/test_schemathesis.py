@@ -18,7 +18,7 @@ bounded and derandomized: a failure reproduces.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -34,7 +34,7 @@ from functions import settings as function_settings
 from functions.fake_yookassa import FakeYooKassa, start_fake_yookassa
 from functions.yookassa import close_default_client
 from tests.functions.callers import clerk_key
-from tests.reliability.abuse_support import bearer, build_local_app, signed
+from tests.reliability.abuse_support import bearer, build_local_app, close_pool_on_this_loop, signed
 
 EXAMPLES = int(os.environ.get("DREAMLENS_SCHEMATHESIS_EXAMPLES", "25"))
 DEVICE = "device_schemathesis_01"
@@ -68,8 +68,11 @@ CHECKS = [not_a_server_error, status_code_conformance, response_schema_conforman
 
 
 @pytest.fixture(scope="module")
-def environment() -> Iterator[FakeYooKassa]:
+async def environment() -> AsyncIterator[FakeYooKassa]:
     """Secrets, Clerk's key, and a fake YooKassa on schemathesis's loop."""
+    # a pool an earlier test made on the test loop is closed there, not
+    # dropped from schemathesis's loop (which would leave its sockets open)
+    await close_pool_on_this_loop()
     portal = asgi._get_portal()
     fake: FakeYooKassa = portal.call(start_fake_yookassa)
     with pytest.MonkeyPatch.context() as patch:
