@@ -67,10 +67,58 @@ def _timeout() -> float | None:
     return budget.bounded(config.settings().command_timeout or None)
 
 
+# a simple-protocol query: the server ends any unfinished extended query with it
+END_UNFINISHED_QUERY = "select"
+
+
+def _refused_by_asyncpg(exc: Exception) -> bool:
+    """Raised by asyncpg itself, not sent by the server: no Sync went out.
+
+    A malformed argument is an asyncpg.DataError (a PostgresError subclass)
+    that asyncpg builds itself; the server's errors always carry a severity.
+    """
+    if isinstance(exc, asyncpg.InterfaceError):
+        return True
+    return isinstance(exc, asyncpg.PostgresError) and exc.severity is None
+
+
+async def _end_unfinished_query(connection: Connection) -> None:
+    """Bring the server back to idle after asyncpg refused a statement's arguments.
+
+    asyncpg sends Parse and Describe with Flush (no Sync), then encodes the
+    arguments; when that fails (a malformed address for an inet, a wrong
+    argument count) it raises without sending Bind/Execute/Sync. The server
+    then waits mid extended query inside an implicit transaction, holding the
+    statement's locks (a TRUNCATE or a migration waits behind them) for as long
+    as the connection sits in the pool; pg_stat_activity shows it `active` in
+    ClientRead, so idle_in_transaction_session_timeout does not end it. Behind
+    a transaction pooler it also pins a server connection to this client.
+    With the statement cache on this shows only on a statement's first use;
+    with it off (PgBouncer) on every such error. Inside a transaction block
+    its COMMIT or ROLLBACK ends the query instead.
+    """
+    if connection.is_closed() or connection.is_in_transaction():
+        return
+    try:
+        await connection.execute(END_UNFINISHED_QUERY)
+    except asyncpg.InterfaceError:
+        # another operation is running on it and will end with its own Sync
+        return
+    except (asyncpg.PostgresError, OSError, TimeoutError):
+        # a connection in an unknown state must not go back to the pool
+        connection.terminate()
+        return
+    stats.record_round_trips(1)
+
+
 async def _timed(connection: Connection, method: str, query: str, args: tuple[Any, ...]) -> Any:
     started = time.perf_counter()
     try:
         return await getattr(connection, method)(query, *args, timeout=_timeout())
+    except Exception as exc:
+        if _refused_by_asyncpg(exc):
+            await _end_unfinished_query(connection)
+        raise
     finally:
         ms = (time.perf_counter() - started) * 1000
         stats.record(

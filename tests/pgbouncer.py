@@ -88,7 +88,13 @@ pidfile = {workdir}/pgbouncer.pid
         # belongs to `embedded_postgres` and only that user may open its socket
         user_name = next(u for u in ("embedded_postgres", "postgres", "nobody") if _user_exists(u))
         command[1:1] = ["-u", user_name]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # pgbouncer (not daemonized) writes every log line to stderr as well as to
+    # its logfile, with blocking writes from its one thread. Into a pipe nobody
+    # drains, the 64 KiB pipe buffer filled after a few hundred logins and the
+    # whole pooler froze mid-suite: statements hung until command_timeout and
+    # new connections timed out. A file never blocks and keeps startup errors.
+    stderr = (workdir / "pgbouncer.stderr").open("wb")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr)
     try:
         _wait_listening(listen_port, process, workdir)
         yield f"postgresql://{user}@127.0.0.1:{listen_port}/{database}"
@@ -100,8 +106,7 @@ pidfile = {workdir}/pgbouncer.pid
             # still waiting on its clients: it is a throwaway pooler
             process.kill()
             process.wait(timeout=5)
-        if process.stderr is not None:
-            process.stderr.close()
+        stderr.close()
         if os.environ.get("DREAMLENS_KEEP_PGBOUNCER_LOG"):
             print((workdir / "pgbouncer.log").read_text())  # noqa: T201
         shutil.rmtree(workdir, ignore_errors=True)
@@ -121,8 +126,7 @@ def _wait_listening(port: int, process: subprocess.Popen[bytes], workdir: Path) 
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            log = (workdir / "pgbouncer.log").read_text() if (workdir / "pgbouncer.log").exists() else ""
-            raise RuntimeError(f"pgbouncer exited: {process.stderr.read() if process.stderr else ''}{log}")
+            raise RuntimeError(f"pgbouncer exited: {(workdir / 'pgbouncer.stderr').read_text()}")
         with socket.socket() as probe:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 return

@@ -12,6 +12,7 @@ from database import (
     DatabaseUnavailable,
     InvalidRequest,
     Transaction,
+    config,
     pool,
     sql,
     stats,
@@ -174,3 +175,46 @@ async def test_pool_is_reused_across_calls() -> None:
     for _ in range(20):
         await sql.fetchval("select 1")
     assert pool.connections_opened == opened
+
+
+LOG_FROM_ADDRESS = "insert into usage_logs (action, source_ip) values ('signup', $1::inet)"
+
+
+@pytest.mark.parametrize("statement_cache_size", [0, 100])
+async def test_refused_argument_leaves_no_query_holding_locks(
+    admin: asyncpg.Connection, statement_cache_size: int
+) -> None:
+    """asyncpg refuses a malformed argument only after sending the statement's
+    Parse: the connection must go back to the pool idle, not mid extended
+    query in a transaction that holds the table's locks (behind PgBouncer
+    that also pins a server connection to the client)."""
+    await pool.close_pool()
+    config.configure(statement_cache_size=statement_cache_size, pool_max_size=1)
+    try:
+        with stats.collect() as counted, pytest.raises(InvalidRequest):
+            await sql.execute(LOG_FROM_ADDRESS, "not an address")
+        assert counted.attempts == 1
+        in_transaction = await admin.fetchval(
+            "select count(*) from pg_stat_activity"
+            " where application_name = 'dreamlens' and xact_start is not null"
+        )
+        assert in_transaction == 0
+        async with admin.transaction():
+            await admin.execute("lock table usage_logs in access exclusive mode nowait")
+        # the same pooled connection still works
+        await sql.execute(LOG_FROM_ADDRESS, "203.0.113.7")
+        assert await admin.fetchval("select count(*) from usage_logs") == 1
+    finally:
+        await pool.close_pool()
+
+
+async def test_wrong_argument_count_leaves_no_query_holding_locks(admin: asyncpg.Connection) -> None:
+    await pool.close_pool()
+    config.configure(statement_cache_size=0, pool_max_size=1)
+    try:
+        with pytest.raises(asyncpg.InterfaceError, match="expects 1 argument"):
+            await sql.execute(LOG_FROM_ADDRESS, "203.0.113.7", "one too many")
+        async with admin.transaction():
+            await admin.execute("lock table usage_logs in access exclusive mode nowait")
+    finally:
+        await pool.close_pool()
