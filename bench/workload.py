@@ -157,10 +157,15 @@ class Figures:
         better: Literal["lower", "higher"] = "lower",
         unit: str = "",
         digits: int = 2,
+        detail: str = "",
     ) -> bool:
+        """`detail`, when given, follows the value in the markdown only (the
+        script prints it its own way)."""
         met = harness_reach(label, value, target, better=better, unit=unit, digits=digits)
         sign = "≤" if better == "lower" else "≥"
         shown, wanted = f"{value:.{digits}f}{unit}", f"{sign} {target:g}{unit}"
+        if detail:
+            shown += f" ({detail})"
         self.rows.append(Figure(self.script, label, shown, wanted, met))
         return met
 
