@@ -139,8 +139,10 @@ def test_tampered_token_is_refused(clerk: rsa.RSAPrivateKey) -> None:
 @pytest.mark.parametrize(
     "changes",
     [
-        pytest.param({"exp": int(time.time()) - 60}, id="expired"),
-        pytest.param({"nbf": int(time.time()) + 60}, id="not_yet_valid"),
+        # times relative to when the test runs (resolved in the test): taken at
+        # collection, "not yet valid" turned valid in a suite longer than 55 s
+        pytest.param({"exp": -60}, id="expired"),
+        pytest.param({"nbf": +60}, id="not_yet_valid"),
         pytest.param({"exp": None}, id="no_exp"),
         pytest.param({"sub": None}, id="no_sub"),
         pytest.param({"sub": 12345}, id="sub_not_a_string"),
@@ -148,6 +150,11 @@ def test_tampered_token_is_refused(clerk: rsa.RSAPrivateKey) -> None:
     ],
 )
 def test_invalid_claims_are_refused(clerk: rsa.RSAPrivateKey, changes: dict[str, Any]) -> None:
+    now = int(time.time())
+    changes = {
+        name: now + value if name in ("exp", "nbf") and value is not None else value
+        for name, value in changes.items()
+    }
     with pytest.raises(Unauthorized):
         identity.verify_session_token(sign(clerk, **changes))
 
