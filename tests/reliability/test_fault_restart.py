@@ -1,10 +1,12 @@
 """Database restart under load: while spends, purchases, webhooks and the
 worker run over real HTTP, the app's PostgreSQL is stopped fast (every
 backend terminated, in-flight transactions rolled back) and started again,
-twice. Every request ends as a success or a 503 with Retry-After, clients
-repeating with the same Idempotency-Key get exactly one application, the
-ledger holds every success exactly once, and the app's pool recovers by
-itself: the same pool serves before and after, no restart of the app."""
+then killed outright (`-m immediate`, as in a crash: the start recovers
+from WAL) and started again. Every request ends as a success or a 503 with
+Retry-After, clients repeating with the same Idempotency-Key get exactly
+one application, the ledger holds every success exactly once, and the
+app's pool recovers by itself: the same pool serves before and after, no
+restart of the app."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from database import pool
 from tests.reliability.conftest import Dedicated, Served
 from tests.reliability.traffic import MoneyTraffic, check_books, fake_delivery_problems
 
-RESTARTS = 2
+# a clean fast shutdown, then a crash
+STOP_MODES = ("fast", "immediate")
 DOWN_SECONDS = 1.0
 UP_SECONDS = 1.0
 
@@ -30,9 +33,9 @@ async def test_a_database_restart_under_load_loses_nothing_and_applies_nothing_t
 
     async def restarts() -> None:
         await asyncio.sleep(0.5)  # the traffic gets going first
-        for _ in range(RESTARTS):
+        for mode in STOP_MODES:
             pools.append(pool._pool)
-            await dedicated.postgres.stop()
+            await dedicated.postgres.stop(mode)
             await asyncio.sleep(DOWN_SECONDS)
             await dedicated.postgres.start()
             await asyncio.sleep(UP_SECONDS)
