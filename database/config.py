@@ -58,7 +58,16 @@ def embedded_data_dir() -> Path:
 def load() -> Settings:
     url = (os.environ.get("POSTGRES_URL") or os.environ.get("DATABASE_URL") or "").strip()
     embedded = False
+    non_pooling = (os.environ.get("POSTGRES_URL_NON_POOLING") or "").strip()
     if not url:
+        if non_pooling:
+            # the embedded server would serve requests while init and
+            # migrations went to that URL: two different databases
+            raise ConfigurationError(
+                "POSTGRES_URL_NON_POOLING is set but POSTGRES_URL / DATABASE_URL is not: "
+                "set the pooled URL too (a direct URL may serve as both), "
+                "or unset it to use the embedded PostgreSQL"
+            )
         if in_lambda():
             raise ConfigurationError(
                 "No database configured: set POSTGRES_URL or DATABASE_URL "
@@ -68,11 +77,10 @@ def load() -> Settings:
 
         url = embedded_url(embedded_data_dir())
         embedded = True
-    non_pooling = (os.environ.get("POSTGRES_URL_NON_POOLING") or "").strip() or url
     lambda_like = in_lambda()
     settings = Settings(
         url=url,
-        non_pooling_url=non_pooling,
+        non_pooling_url=non_pooling or url,
         statement_cache_size=_int("DB_STATEMENT_CACHE_SIZE", 100),
         # a Lambda serves one request at a time; a local server many
         pool_min_size=_int("DB_POOL_MIN_SIZE", 1),

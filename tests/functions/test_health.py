@@ -9,8 +9,9 @@ import logging
 import pytest
 
 from database import config, pool
+from database.executor import MAX_ATTEMPTS
 from functions.health import handler
-from tests import db
+from tests import db, pgbouncer
 from tests.functions.lambda_events import EVENT_BUILDERS, invoke
 
 VERSIONS = sorted(EVENT_BUILDERS)
@@ -52,12 +53,23 @@ async def test_a_database_that_refuses_us_is_503_and_logged(
     schema: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Not a transient fault (the database does not exist), so sql() does not
-    translate it: health still answers 503, never 500, and logs the cause."""
+    translate it: health still answers 503, never 500, and logs the cause.
+
+    Behind PgBouncer the pooler reports the server's refusal as an error of its
+    own, 08P01 like its transient ones ("server login has been failing, try
+    again later"), so sql() retries it and answers DatabaseUnavailable: 503
+    all the same, the cause in the pooler's log."""
+    caplog.set_level(logging.INFO, logger="dreamlens.request")
     config.configure(url=db.with_database(schema, "no_such_database"))
     response = await invoke(handler, EVENT_BUILDERS["v2"]("GET", "/api/health"))
     assert response.status == 503
     assert response.body["database"] == "unavailable"
-    assert any(r.name == "dreamlens.health" and r.exc_info for r in caplog.records)
+    [line] = [json.loads(r.getMessage()) for r in caplog.records if r.name == "dreamlens.request"]
+    if pgbouncer.ENABLED:
+        assert line["db_retries"] == MAX_ATTEMPTS - 1
+    else:
+        assert line["db_retries"] == 0
+        assert any(r.name == "dreamlens.health" and r.exc_info for r in caplog.records)
 
 
 async def test_warm_invocations_reuse_one_pool() -> None:

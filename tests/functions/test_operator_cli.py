@@ -12,7 +12,9 @@ import pytest
 
 
 def dreamlens(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "POSTGRES_URL")}
+    # no database URL at all (the PgBouncer run sets a non-pooling one): embedded
+    unset = ("DATABASE_URL", "POSTGRES_URL", "POSTGRES_URL_NON_POOLING")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     env["DREAMLENS_DATA_DIR"] = str(data_dir)
     return subprocess.run(
         [sys.executable, "-m", "functions.cli", *args],
