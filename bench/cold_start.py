@@ -214,6 +214,48 @@ def measure_import(statement: str, runs: int = 10, *, warmup: int = 1) -> list[f
     return samples
 
 
+def compare_imports(
+    statements: dict[str, str], runs: int = 10, *, env: dict[str, str | None] | None = None
+) -> dict[str, list[float]]:
+    """Milliseconds from launch to the end of each statement in a fresh
+    process (interpreter exit not counted), runs interleaved after one untimed
+    run of each."""
+
+    def once(statement: str) -> float:
+        started = time.monotonic_ns()
+        completed = subprocess.run(
+            [sys.executable, "-c", f"{statement}\nimport time; print('DONE', time.monotonic_ns())"],
+            env=_child_env(env),
+            cwd=ROOT,
+            check=True,
+            timeout=60,
+            capture_output=True,
+            text=True,
+        )
+        done = next(line for line in completed.stdout.splitlines() if line.startswith("DONE "))
+        return (int(done.split()[1]) - started) / 1e6
+
+    for statement in statements.values():
+        once(statement)
+    samples: dict[str, list[float]] = {name: [] for name in statements}
+    order = list(statements)
+    for _ in range(runs):
+        for name in order:
+            samples[name].append(once(statements[name]))
+        order = order[1:] + order[:1]
+    return samples
+
+
+_STACK = "import starlette.applications, starlette.routing, mangum"
+IMPORT_LAYERS = {
+    "python -c pass": "pass",
+    "+ starlette, mangum (the floor's stack)": _STACK,
+    "+ pydantic (BaseModel)": f"{_STACK}; from pydantic import BaseModel",
+    "+ asyncpg": f"{_STACK}, asyncpg; from pydantic import BaseModel",
+    "import functions.generations (all of it)": "import functions.generations",
+}
+
+
 def write_event(event: dict[str, object], directory: Path | None = None) -> Path:
     """An event as a JSON file for the child process to read."""
     handle, name = tempfile.mkstemp(prefix="event-", suffix=".json", dir=directory)
@@ -478,6 +520,19 @@ def main() -> None:
             f"{statistics.median(first_ms) - with_schema:+.0f} ms against the schema already there)",
         )
         figures.note("lazy init: its second request", f"{statistics.median(second_ms):.1f} ms")
+
+        print("\nwhat the import costs, layer by layer (launch to imported, bytecode, median of 10):")
+        layers = compare_imports(IMPORT_LAYERS, RUNS, env=compiled)
+        previous = 0.0
+        for name, samples in layers.items():
+            median = statistics.median(samples)
+            print(f"  {name:<44} {median:6.1f} ms  ({median - previous:+.1f})")
+            previous = median
+        figures.note(
+            "import, fresh process (bytecode): pass / + starlette, mangum / + pydantic / + asyncpg / "
+            "functions.generations",
+            " / ".join(f"{statistics.median(samples):.0f}" for samples in layers.values()) + " ms",
+        )
 
         print(
             "\nimport time of functions.generations by package (python -X importtime, self time, bytecode):"
