@@ -463,9 +463,6 @@ def main() -> None:
             f"{generation} (no bytecode)": Launch(
                 "functions.generations", files["generation"], 201, {**database_env, **source}
             ),
-            f"{tokens} (no bytecode)": Launch(
-                "functions.tokens", files["tokens"], 200, {**database_env, **source}
-            ),
             "peer: FastAPI + Mangum hello (no bytecode)": Launch(
                 "cold_start_peer", files["hello"], 200, source
             ),
