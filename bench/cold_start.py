@@ -71,13 +71,19 @@ print("RESPONSE", done, response.get("statusCode"), flush=True)
 
 # lazy init: argv = module, first event file, second event file; both timed
 CHILD_TWICE = CHILD.replace(
+    "response = handler(event, Context())",
+    """first_started = time.perf_counter()
+response = handler(event, Context())
+first_ms = (time.perf_counter() - first_started) * 1000""",
+).replace(
     'print("RESPONSE", done, response.get("statusCode"), flush=True)',
     """with open(sys.argv[4]) as file:
     second_event = json.load(file)
 started = time.perf_counter()
 second = handler(second_event, Context())
 second_ms = (time.perf_counter() - started) * 1000
-print("RESPONSE", done, response.get("statusCode"), second.get("statusCode"), second_ms, flush=True)""",
+statuses = response.get("statusCode"), second.get("statusCode")
+print("RESPONSE", done, *statuses, first_ms, second_ms, flush=True)""",
 )
 
 
@@ -214,6 +220,48 @@ def measure_import(statement: str, runs: int = 10, *, warmup: int = 1) -> list[f
     return samples
 
 
+def compare_imports(
+    statements: dict[str, str], runs: int = 10, *, env: dict[str, str | None] | None = None
+) -> dict[str, list[float]]:
+    """Milliseconds from launch to the end of each statement in a fresh
+    process (interpreter exit not counted), runs interleaved after one untimed
+    run of each."""
+
+    def once(statement: str) -> float:
+        started = time.monotonic_ns()
+        completed = subprocess.run(
+            [sys.executable, "-c", f"{statement}\nimport time; print('DONE', time.monotonic_ns())"],
+            env=_child_env(env),
+            cwd=ROOT,
+            check=True,
+            timeout=60,
+            capture_output=True,
+            text=True,
+        )
+        done = next(line for line in completed.stdout.splitlines() if line.startswith("DONE "))
+        return (int(done.split()[1]) - started) / 1e6
+
+    for statement in statements.values():
+        once(statement)
+    samples: dict[str, list[float]] = {name: [] for name in statements}
+    order = list(statements)
+    for _ in range(runs):
+        for name in order:
+            samples[name].append(once(statements[name]))
+        order = order[1:] + order[:1]
+    return samples
+
+
+_STACK = "import starlette.applications, starlette.routing, mangum"
+IMPORT_LAYERS = {
+    "python -c pass": "pass",
+    "+ starlette, mangum (the floor's stack)": _STACK,
+    "+ pydantic (BaseModel)": f"{_STACK}; from pydantic import BaseModel",
+    "+ asyncpg": f"{_STACK}, asyncpg; from pydantic import BaseModel",
+    "import functions.generations (all of it)": "import functions.generations",
+}
+
+
 def write_event(event: dict[str, object], directory: Path | None = None) -> Path:
     """An event as a JSON file for the child process to read."""
     handle, name = tempfile.mkstemp(prefix="event-", suffix=".json", dir=directory)
@@ -260,9 +308,9 @@ def compare_launches(
 
 def launch_twice(
     module: str, first_event: Path, second_event: Path, env: dict[str, str | None], timeout_s: float = 120
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """A fresh process answering two events: (ms from launch to the first
-    response, ms of the second request alone)."""
+    response, ms of the first request alone, ms of the second)."""
     command = [sys.executable, "-c", CHILD_TWICE, module, str(first_event), "handler", str(second_event)]
     started = time.monotonic_ns()
     completed = subprocess.run(
@@ -273,10 +321,10 @@ def launch_twice(
         raise ColdStartFailed(
             f"{module}: exit {completed.returncode}\n{completed.stdout}\n{completed.stderr}"
         )
-    _, done, first_status, second_status, second_ms = lines[-1].split()
+    _, done, first_status, second_status, first_ms, second_ms = lines[-1].split()
     if (first_status, second_status) != ("201", "201"):
         raise ColdStartFailed(f"{module} answered {first_status}, {second_status}:\n{completed.stdout}")
-    return (int(done) - started) / 1e6, float(second_ms)
+    return (int(done) - started) / 1e6, float(first_ms), float(second_ms)
 
 
 def import_time_by_package(
@@ -421,9 +469,6 @@ def main() -> None:
             f"{generation} (no bytecode)": Launch(
                 "functions.generations", files["generation"], 201, {**database_env, **source}
             ),
-            f"{tokens} (no bytecode)": Launch(
-                "functions.tokens", files["tokens"], 200, {**database_env, **source}
-            ),
             "peer: FastAPI + Mangum hello (no bytecode)": Launch(
                 "cold_start_peer", files["hello"], 200, source
             ),
@@ -455,29 +500,55 @@ def main() -> None:
             figures.note(f"cold start peer: FastAPI + Mangum hello ({mode}, median)", f"{peer:.0f} ms")
             figures.note(f"cold start {generation} / FastAPI hello ({mode})", f"{ours / peer:.2f}")
 
-        # lazy init: each run a fresh empty database on the same server
-        first_ms: list[float] = []
-        second_ms: list[float] = []
+        # lazy init: each run a fresh empty database on the same server, and
+        # the same launch against the bench database (schema there) beside it
+        empty: list[tuple[float, float, float]] = []
+        ready: list[tuple[float, float, float]] = []
+        second = write_event(generation_event(device), directory)
         for run in range(LAZY_INIT_RUNS):
             name = f"{database.name}_empty_{run}"
             run_sync(partial(_create_empty, database.admin_url, name))
             try:
                 env = {"DATABASE_URL": with_database(database.admin_url, name), **compiled}
-                second = write_event(generation_event(device), directory)
-                first, again = launch_twice("functions.generations", files["generation"], second, env)
+                empty.append(launch_twice("functions.generations", files["generation"], second, env))
             finally:
                 run_sync(partial(_drop, database.admin_url, name))
-            first_ms.append(first)
-            second_ms.append(again)
-        with_schema = statistics.median(measured[f"{generation} (bytecode)"])
-        print(f"empty database, launch to first response (schema created on the way): {_show('', first_ms)}")
-        print(f"  its second request: {_show('', second_ms)}")
+            ready.append(
+                launch_twice(
+                    "functions.generations", files["generation"], second, {**database_env, **compiled}
+                )
+            )
+        print("POST /api/generations in a fresh process, twice (bytecode; medians):")
+        for label, runs in (
+            ("empty database (schema made on the way)", empty),
+            ("schema already there", ready),
+        ):
+            launch, first, again = (statistics.median(values) for values in zip(*runs, strict=True))
+            print(
+                f"  {label:<40} launch to first response {launch:6.1f} ms; first request {first:6.1f} ms; "
+                f"second {again:5.1f} ms"
+            )
+        launch, first, again = (statistics.median(values) for values in zip(*empty, strict=True))
         figures.note(
-            "lazy init: empty database, first POST /api/generations (bytecode, launch to response)",
-            f"{statistics.median(first_ms):.0f} ms (median of {len(first_ms)}; "
-            f"{statistics.median(first_ms) - with_schema:+.0f} ms against the schema already there)",
+            "lazy init: empty database, first POST /api/generations (connect, schema, signup, spend)",
+            f"{first:.0f} ms, second request {again:.1f} ms (launch to first response {launch:.0f} ms; "
+            f"median of {len(empty)})",
         )
-        figures.note("lazy init: its second request", f"{statistics.median(second_ms):.1f} ms")
+        _, ready_first, _ = (statistics.median(values) for values in zip(*ready, strict=True))
+        figures.note("the same first request with the schema already there", f"{ready_first:.0f} ms")
+
+        print("\nwhat the import costs, layer by layer (launch to imported, bytecode, median of 10):")
+        layers = compare_imports(IMPORT_LAYERS, RUNS, env=compiled)
+        previous = 0.0
+        for name, samples in layers.items():
+            median = statistics.median(samples)
+            print(f"  {name:<44} {median:6.1f} ms  ({median - previous:+.1f})")
+            previous = median
+        figures.note(
+            "import, fresh process (bytecode): pass / + starlette, mangum / + pydantic / + asyncpg / "
+            "functions.generations",
+            " / ".join(f"{statistics.median(samples):.0f}" for samples in layers.values()) + " ms",
+        )
 
         print(
             "\nimport time of functions.generations by package (python -X importtime, self time, bytecode):"

@@ -37,7 +37,7 @@ TARGET_RATIO = 0.5
 CALLS = 300
 BLOCK = 25
 WARMUP = 20
-USERS = 200
+USERS = 50  # each comes back every few seconds: identities stay cached (30 s)
 BUDGET_S = 150.0
 COUNTED_CALLS = 20
 
