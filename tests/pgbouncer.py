@@ -5,7 +5,7 @@ runs the suite through it: the app's URL is PgBouncer's, the statement cache
 is off (as production behind a transaction pooler must have it), and init
 and the tests' own admin connections use the direct URL, as
 POSTGRES_URL_NON_POOLING does in production. PgBouncer comes from the Debian
-package (`.ci/run` installs it).
+package (`.ci/pgbouncer.sh` installs it for `.ci/run`).
 """
 
 from __future__ import annotations
