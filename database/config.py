@@ -78,16 +78,21 @@ def load() -> Settings:
         url = embedded_url(embedded_data_dir())
         embedded = True
     lambda_like = in_lambda()
+    statement_cache_size = _int("DB_STATEMENT_CACHE_SIZE", 100)
     settings = Settings(
         url=url,
         non_pooling_url=non_pooling or url,
-        statement_cache_size=_int("DB_STATEMENT_CACHE_SIZE", 100),
+        statement_cache_size=statement_cache_size,
         # a Lambda serves one request at a time; a local server many
         pool_min_size=_int("DB_POOL_MIN_SIZE", 1),
         pool_max_size=_int("DB_POOL_MAX_SIZE", 1 if lambda_like else 10),
         connect_timeout=_float("DB_CONNECT_TIMEOUT", 5.0),
         command_timeout=_float("DB_COMMAND_TIMEOUT", 15.0),
-        statement_timeout_ms=_int("DB_STATEMENT_TIMEOUT_MS", 10_000),
+        # sent as a startup parameter, which a transaction pooler refuses
+        # (PgBouncer: "unsupported startup parameter") or drops: with the
+        # statement cache off, i.e. behind one, the default is none, and the
+        # timeout belongs on the role (README, Configuration)
+        statement_timeout_ms=_int("DB_STATEMENT_TIMEOUT_MS", 10_000 if statement_cache_size > 0 else 0),
         slow_statement_ms=_float("DB_SLOW_STATEMENT_MS", 100.0),
         embedded=embedded,
     )

@@ -54,7 +54,6 @@ def database_url(direct_url: str) -> Iterator[str]:
             url = stack.enter_context(pgbouncer.pgbouncer(direct_url))
             os.environ["POSTGRES_URL_NON_POOLING"] = direct_url
             os.environ["DB_STATEMENT_CACHE_SIZE"] = "0"
-            os.environ["DB_STATEMENT_TIMEOUT_MS"] = "0"
         os.environ.pop("POSTGRES_URL", None)
         os.environ["DATABASE_URL"] = url
         yield url

@@ -5,7 +5,7 @@ runs the suite through it: the app's URL is PgBouncer's, the statement cache
 is off (as production behind a transaction pooler must have it), and init
 and the tests' own admin connections use the direct URL, as
 POSTGRES_URL_NON_POOLING does in production. PgBouncer comes from the Debian
-package (`.ci/run` installs it).
+package (`.ci/pgbouncer.sh` installs it for `.ci/run`).
 """
 
 from __future__ import annotations
@@ -77,9 +77,10 @@ default_pool_size = 40
 ; clients wait this long for the next try; the default 15 s spares a real
 ; server reconnect storms, here it only outlasts DB_CONNECT_TIMEOUT twice
 server_login_retry = 1
-; a session setting sent at connect would leak between clients in
-; transaction mode: statement_timeout belongs on the role or the database
-ignore_startup_parameters = extra_float_digits,statement_timeout
+; no ignore_startup_parameters, as shipped: a startup parameter the app
+; should not send through a transaction pooler (statement_timeout: every
+; transaction of a server connection shares its session) is refused here
+; as in production, not silently dropped
 logfile = {workdir}/pgbouncer.log
 pidfile = {workdir}/pgbouncer.pid
 """

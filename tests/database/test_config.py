@@ -45,6 +45,19 @@ def test_a_non_pooling_url_alone_is_refused_not_paired_with_the_embedded_server(
         config.load()
 
 
+@pytest.mark.parametrize(("cache_size", "timeout_ms"), [("100", 10_000), ("0", 0)])
+def test_no_statement_timeout_is_sent_at_connect_behind_a_pooler_by_default(
+    monkeypatch: pytest.MonkeyPatch, cache_size: str, timeout_ms: int
+) -> None:
+    """PgBouncer refuses a connection whose startup packet sets statement_timeout."""
+    monkeypatch.setenv("DATABASE_URL", "postgresql://x/db")
+    monkeypatch.delenv("DB_STATEMENT_TIMEOUT_MS", raising=False)
+    monkeypatch.setenv("DB_STATEMENT_CACHE_SIZE", cache_size)
+    assert config.load().statement_timeout_ms == timeout_ms
+    monkeypatch.setenv("DB_STATEMENT_TIMEOUT_MS", "5000")
+    assert config.load().statement_timeout_ms == 5000
+
+
 def test_lambda_pool_defaults_to_one_connection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATABASE_URL", "postgresql://x/db")
     monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "dreamlens-tokens")
