@@ -4,8 +4,11 @@ init, migrate, audit, stats and a scheduled job, each as its own process."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,8 +30,12 @@ def dreamlens(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("operator")
+def data_dir() -> Iterator[Path]:
+    # not pytest's tmp_path: the embedded server runs as another user and
+    # must traverse its parents, which pytest keeps private (0700)
+    path = Path(tempfile.mkdtemp(prefix="dreamlens-operator-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_operator_walkthrough_on_the_embedded_database(data_dir: Path) -> None:
