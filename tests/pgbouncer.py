@@ -77,10 +77,9 @@ default_pool_size = 40
 ; clients wait this long for the next try; the default 15 s spares a real
 ; server reconnect storms, here it only outlasts DB_CONNECT_TIMEOUT twice
 server_login_retry = 1
-; no ignore_startup_parameters, as shipped: a startup parameter the app
-; should not send through a transaction pooler (statement_timeout: every
-; transaction of a server connection shares its session) is refused here
-; as in production, not silently dropped
+; no ignore_startup_parameters, as shipped: a session setting in the startup
+; packet (statement_timeout), which a transaction pooler cannot give one
+; client, is refused here as in production rather than silently dropped
 logfile = {workdir}/pgbouncer.log
 pidfile = {workdir}/pgbouncer.pid
 """
