@@ -29,6 +29,8 @@ from database import (
 )
 
 GENERATIONS_IDEMPOTENCY_KEY = "generations_idempotency_key"
+# outcomes of create_generation that spend nothing because of the wallet
+REFUSALS = frozenset({"insufficient_tokens", "daily_limit"})
 MAX_PAGE_SIZE = 100
 RESULT_STATUSES = frozenset({"succeeded", "failed"})
 
@@ -217,6 +219,16 @@ async def create_generation(
         # a concurrent first use of this key won: this run finds and replays it
         row = await db.fetchrow(CREATE_GENERATION, user_id, prompt, quality, idempotency_key)
     assert row is not None  # the final select always yields its one row
+    if row["outcome"] in REFUSALS:
+        # A concurrent first use of this key may have spent the last tokens
+        # (or the day's last generation) while this statement waited for the
+        # wallet's lock: its snapshot predates that commit, so it saw no
+        # generation under the key, and as it inserted nothing the unique
+        # constraint could not tell it either. A refusal is therefore asked
+        # once more, on a fresh snapshot: that replays the first use, or
+        # refuses again (only a refusal pays this second round trip).
+        row = await db.fetchrow(CREATE_GENERATION, user_id, prompt, quality, idempotency_key)
+        assert row is not None
     outcome = row["outcome"]
     if outcome == "created":
         invalidate_balance(user_id)

@@ -245,6 +245,62 @@ async def test_same_key_concurrently_creates_and_spends_once(
     assert await db.audit_problems(admin) == []
 
 
+async def same_key_behind_a_locked_wallet(
+    admin: asyncpg.Connection, user_id: UUID, key: str, count: int
+) -> list[Any]:
+    """`count` creates with one key, all started while another transaction
+    holds the wallet: every statement has taken its snapshot (none can see
+    the others' generation) before the first of them gets the lock."""
+    async with admin.transaction():
+        await admin.execute("select 1 from user_tokens where user_id = $1 for update", user_id)
+        calls = asyncio.gather(*(create(user_id, key=key) for _ in range(count)), return_exceptions=True)
+        waiting = (
+            "select count(*) from pg_stat_activity"
+            " where application_name = 'dreamlens' and wait_event_type = 'Lock'"
+        )
+        async with asyncio.timeout(30):
+            while await admin.fetchval(waiting) < count:
+                await asyncio.sleep(0.01)
+    return list(await calls)
+
+
+async def test_same_key_concurrently_on_the_last_tokens_replays_instead_of_refusing(
+    admin: asyncpg.Connection, wide_pool: None
+) -> None:
+    """Bug: a repeat of a key racing its first use (a client retrying while
+    the first request is still running) waited for the wallet's lock, then
+    found the balance the first use had just spent, and answered 402
+    insufficient_tokens though its generation had been created and paid: its
+    snapshot predates the first use's commit, so neither its lookup of the
+    key nor the unique constraint (it inserts nothing) could tell it."""
+    user_id = await db.insert_user(admin, device_id="device-last-token")
+    await admin.execute("update generation_prices set cost = 5 where quality = 'standard'")
+
+    results = await same_key_behind_a_locked_wallet(admin, user_id, "last-tokens", 8)
+
+    assert all(isinstance(r, CreatedGeneration) for r in results), results
+    assert len({r.generation.id for r in results}) == 1
+    assert sum(not r.replayed for r in results) == 1
+    assert {r.balance for r in results} == {0}
+    assert await admin.fetchval("select count(*) from token_transactions where type = 'spend'") == 1
+    assert await db.audit_problems(admin) == []
+
+
+async def test_same_key_concurrently_on_the_days_last_generation_replays_instead_of_limiting(
+    admin: asyncpg.Connection, wide_pool: None
+) -> None:
+    """Bug (the same, for the daily limit): the racing repeat answered 429."""
+    user_id = await db.insert_user(admin, clerk_id="user_last_of_day")
+    await set_free_limit(admin, 1)
+
+    results = await same_key_behind_a_locked_wallet(admin, user_id, "last-of-day", 8)
+
+    assert all(isinstance(r, CreatedGeneration) for r in results), results
+    assert len({r.generation.id for r in results}) == 1
+    assert await admin.fetchval("select count(*) from generations") == 1
+    assert await db.audit_problems(admin) == []
+
+
 async def test_replay_returns_the_first_result_and_applies_nothing(admin: asyncpg.Connection) -> None:
     user_id = await db.insert_user(admin, clerk_id="user_replay")
     first = await create(user_id, key="first")
