@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -58,6 +59,20 @@ DEDICATED_MAX_CONNECTIONS = 20
 def close_reliability_import_loop() -> Iterator[None]:
     yield
     _import_loop.close()
+
+
+@pytest.fixture(autouse=True)
+def straight_to_the_server(direct_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The app talks to PostgreSQL itself, even when the suite runs through
+    PgBouncer (DREAMLENS_TEST_PGBOUNCER=1): these tests inject faults into
+    the server and prove how the app meets them. Through a pooler they would
+    prove the pooler's manners instead (PgBouncer holds every client for
+    server_login_retry, 15 s, after a server login fails, as it does when
+    its backends are killed while logging in)."""
+    monkeypatch.setenv("DATABASE_URL", direct_url)
+    monkeypatch.delenv("POSTGRES_URL", raising=False)
+    monkeypatch.delenv("POSTGRES_URL_NON_POOLING", raising=False)
+    config.reset()
 
 
 # ------------------------------------------------------------ served app
@@ -187,6 +202,7 @@ def dedicated_postgres() -> Iterator[DedicatedPostgres]:
         except (OSError, subprocess.SubprocessError):
             pass
         server.cleanup()
+        shutil.rmtree(data_dir.parent, ignore_errors=True)
 
 
 @dataclass

@@ -4,14 +4,20 @@ reading its account, balance, ledger pages and generations, spending (with
 repeated and concurrent duplicate Idempotency-Keys), and buying packages
 that the fake YooKassa delivers to the webhook; two workers claim the queue
 and report results (a quarter of them failures, refunded). The users come
-from 20 loopback addresses (127.0.0.10-29, ten users behind each, as behind
-a NAT), YooKassa's deliveries from 127.0.0.1, the webhook's trusted network.
+from 50 loopback addresses (127.0.0.10-59, four behind each, as behind a
+carrier's NAT), YooKassa's deliveries from 127.0.0.1, the webhook's trusted
+network. (New devices from one address sign up one at a time, each waiting
+on the address's signup lock with a pool connection held: with ten behind
+each of 20 addresses the first seconds were the pool's queue, p99 ~5 s.)
 
 It stops by itself after MAX_REQUESTS requests or MAX_SECONDS seconds,
 whichever comes first. Then: zero 5xx, every answer one the endpoint
 documents, and the ledger holds exactly what the clients were told (nothing
 lost, nothing twice, both audits clean). Throughput and p50/p99 latency are
-printed (pytest -s) and logged on `dreamlens.reliability`.
+printed (pytest -s) and logged on `dreamlens.reliability`, with the count of
+the fake YooKassa's deliveries it stopped waiting for (after 10 s, when the
+machine is loaded): those are delivered again, and the books must show them
+applied once.
 
 Everything (server, clients, fake) shares one event loop on a 2-core
 machine: the numbers describe this test's machine, not production, and are
@@ -46,11 +52,15 @@ from tests.reliability.traffic import (
 
 DEVICE_USERS = 150
 CLERK_USERS = 50
-ADDRESSES = 20
+ADDRESSES = 50
 MAX_REQUESTS = 4000
 MAX_SECONDS = 30.0
 WORKERS = 2
 RAMP_UP_SECONDS = 5.0
+# a request unanswered this long is a hang; slower answers are latency, which
+# on a loaded 2-core machine (server, clients, fake and PostgreSQL sharing it)
+# reaches seconds while the first devices sign up
+CLIENT_TIMEOUT_SECONDS = 60.0
 # between two steps a user reads the screen
 THINK_SECONDS = (0.5, 2.5)
 PACKAGES = ("tokens_50", "tokens_50", "tokens_200", "pro_month")
@@ -117,7 +127,7 @@ async def addresses(served: Served) -> AsyncIterator[list[httpx.AsyncClient]]:
     clients = [
         httpx.AsyncClient(
             base_url=served.base_url,
-            timeout=20.0,
+            timeout=CLIENT_TIMEOUT_SECONDS,
             transport=httpx.AsyncHTTPTransport(local_address=f"127.0.0.{10 + n}", limits=limits),
         )
         for n in range(ADDRESSES)
@@ -128,10 +138,20 @@ async def addresses(served: Served) -> AsyncIterator[list[httpx.AsyncClient]]:
         await asyncio.gather(*(client.aclose() for client in clients))
 
 
+@pytest.fixture
+async def provider_http(served: Served) -> AsyncIterator[httpx.AsyncClient]:
+    """YooKassa's redeliveries, from 127.0.0.1."""
+    limits = httpx.Limits(max_connections=200, keepalive_expiry=KEEPALIVE_SECONDS)
+    async with httpx.AsyncClient(
+        base_url=served.base_url, timeout=CLIENT_TIMEOUT_SECONDS, limits=limits
+    ) as client:
+        yield client
+
+
 @pytest.mark.slow
 async def test_mixed_traffic_from_200_users_has_no_5xx_and_loses_nothing(
     served: Served,
-    http: httpx.AsyncClient,
+    provider_http: httpx.AsyncClient,
     addresses: list[httpx.AsyncClient],
     admin: asyncpg.Connection,
     monkeypatch: pytest.MonkeyPatch,
@@ -142,7 +162,7 @@ async def test_mixed_traffic_from_200_users_has_no_5xx_and_loses_nothing(
     record, books = Record(), Books()
     load = Load(record)
     run = uuid.uuid4().hex[:8]
-    yookassa = Client(http, record)
+    yookassa = Client(provider_http, record)
 
     def user(number: int, handle: str, kind: str, auth: dict[str, str]) -> User:
         client = Client(addresses[number % ADDRESSES], record)
@@ -164,19 +184,22 @@ async def test_mixed_traffic_from_200_users_has_no_5xx_and_loses_nothing(
         finally:
             users_done.set()
 
-    workers = [Worker(Client(http, record), books) for _ in range(WORKERS)]
+    workers = [Worker(Client(provider_http, record), books) for _ in range(WORKERS)]
     await run_until(
         [everyone, *(lambda w=w: w.run(users_done, idle_pause=0.1) for w in workers)],
         record,
         MAX_SECONDS + 60,
     )
+    deliveries = served.fake.deliveries
+    unanswered = sum(d.status_code is None for d in deliveries)
     summary = record.summary(f"load: {len(users)} users")
+    summary += f"\n  YooKassa's deliveries: {len(deliveries)}, unanswered within its 10 s: {unanswered}"
     print(summary)  # noqa: T201 - pytest -s shows it
     log.info("%s", summary)
 
     assert record.problems == []
     assert [status for status in record.statuses() if status is None or status >= 500] == []
-    assert fake_delivery_problems(served.fake) == []
+    assert fake_delivery_problems(served.fake, unanswered_allowed=True) == []
     assert await check_books(admin, books) == []
     # the load was what it claims to be
     assert len(books.users) == DEVICE_USERS + CLERK_USERS
