@@ -22,6 +22,8 @@ request_log = logging.getLogger("dreamlens.request")
 # log level is configured; the request line must show either way.
 if request_log.level == logging.NOTSET:
     request_log.setLevel(logging.INFO)
+# the request line is an EMF document too: as it is on stdout, never prefixed
+metrics.json_lines_to_stdout(request_log)
 
 
 _cold_start = True

@@ -14,15 +14,32 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
 
 NAMESPACE = os.environ.get("METRICS_NAMESPACE", "DreamLens")
 
+
+def json_lines_to_stdout(logger: logging.Logger) -> None:
+    """Inside Lambda, write this logger's lines to stdout exactly as they are.
+
+    The Lambda runtime's root handler prefixes every logging line
+    (`[INFO]\t<time>\t<request id>\t...`); CloudWatch extracts EMF metrics only
+    from a log event that is a JSON object, so the metric and request lines
+    bypass it. Elsewhere (tests, `dreamlens serve`) they propagate as usual."""
+    if os.environ.get("AWS_LAMBDA_FUNCTION_NAME") and not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 metrics_log = logging.getLogger("dreamlens.metrics")
 if metrics_log.level == logging.NOTSET:
     metrics_log.setLevel(logging.INFO)
+json_lines_to_stdout(metrics_log)
 
 
 def unit_for(name: str) -> str:

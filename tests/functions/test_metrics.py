@@ -105,3 +105,30 @@ async def test_job_metrics_are_emf(admin: asyncpg.Connection, caplog: pytest.Log
     await jobs.prune_usage(now=datetime.now(UTC) + timedelta(days=1))
     [line] = emf_lines(caplog, "dreamlens.metrics")
     assert_valid_emf(line)
+
+
+def test_inside_lambda_lines_reach_stdout_as_bare_json(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: through the Lambda runtime's root handler every line got a
+    `[INFO]\\t<time>\\t<request id>\\t` prefix, and CloudWatch extracts EMF only
+    from a log event that is a JSON object: the metrics would never appear."""
+    monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "dreamlens-prod-tokens")
+    logger = logging.getLogger("dreamlens.metrics.lambda_test")
+    logger.setLevel(logging.INFO)
+    metrics.json_lines_to_stdout(logger)
+    try:
+        logger.info(json.dumps(metrics.document({"TokensSpent": 1})))
+        [line] = capsys.readouterr().out.splitlines()
+        document = json.loads(line)  # the whole line is the JSON document
+        assert_valid_emf(document)
+        assert not logger.propagate
+    finally:
+        logger.handlers.clear()
+        logger.propagate = True
+
+
+def test_outside_lambda_lines_propagate_to_the_usual_handlers() -> None:
+    logger = logging.getLogger("dreamlens.metrics.local_test")
+    metrics.json_lines_to_stdout(logger)
+    assert logger.propagate and logger.handlers == []
