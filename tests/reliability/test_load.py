@@ -47,6 +47,7 @@ from tests.reliability.traffic import (
     Worker,
     check_books,
     fake_delivery_problems,
+    guarded,
     run_until,
 )
 
@@ -180,7 +181,7 @@ async def test_mixed_traffic_from_200_users_has_no_5xx_and_loses_nothing(
 
     async def everyone() -> None:
         try:
-            await asyncio.gather(*(browse(u, load, seed) for seed, u in enumerate(users)))
+            await asyncio.gather(*(guarded(browse(u, load, seed)) for seed, u in enumerate(users)))
         finally:
             users_done.set()
 

@@ -281,13 +281,6 @@ async def check_books(
 # ------------------------------------------------------------------ actors
 
 
-def device_headers(device: str, key: str | None = None) -> dict[str, str]:
-    headers = {"X-Device-Id": device}
-    if key is not None:
-        headers["Idempotency-Key"] = key
-    return headers
-
-
 @dataclass
 class User:
     """A caller of the API: a device, or a Clerk user with a session token."""
@@ -473,7 +466,7 @@ class Worker:
                 await asyncio.sleep(idle_pause)
 
 
-async def guarded(work: Awaitable[None], record: Record) -> None:
+async def guarded(work: Awaitable[None]) -> None:
     """Run one actor; a client that gave up has recorded its problem."""
     with contextlib.suppress(GaveUp):
         await work
@@ -485,7 +478,7 @@ async def run_until(
     """Every actor to its end, all at once, bounded by `limit_seconds`."""
     try:
         async with asyncio.timeout(limit_seconds):
-            await asyncio.gather(*(guarded(actor(), record) for actor in actors))
+            await asyncio.gather(*(guarded(actor()) for actor in actors))
     except TimeoutError:
         record.problems.append(f"the traffic did not end within {limit_seconds:.0f} s")
     record.ended = time.perf_counter()
@@ -557,7 +550,7 @@ class MoneyTraffic:
 
     async def _everyone(self) -> None:
         try:
-            await asyncio.gather(*(guarded(self._script(user), self.record) for user in self.users))
+            await asyncio.gather(*(guarded(self._script(user)) for user in self.users))
         finally:
             self.users_done.set()
 
