@@ -195,9 +195,14 @@ async def _pooled() -> AsyncIterator[Connection]:
     dropped instead of returned when a statement on it ran out of time or its
     protocol lost its footing (errors.PROTOCOL_LOST): asyncpg would otherwise
     wait on it, or hand the same broken connection to the next request."""
-    async with asyncio.timeout(budget.bounded(None)):
-        connection_pool = await pool.get_pool()
-    async with connection_pool.acquire(timeout=budget.bounded(None)) as connection:
+    connection_pool = pool.current()
+    if connection_pool is None:
+        async with asyncio.timeout(budget.bounded(None)):
+            connection_pool = await pool.get_pool()
+    # an idle connection is handed over without waiting, so only a wait for
+    # one (a busy local server) needs the timer a bounded acquire costs
+    wait = budget.bounded(None) if connection_pool.get_idle_size() == 0 else None
+    async with connection_pool.acquire(timeout=wait) as connection:
         try:
             yield connection
         except (asyncpg.InternalClientError, TimeoutError):

@@ -49,6 +49,13 @@ def connect_arguments(settings: config.Settings) -> dict[str, Any]:
     }
 
 
+def current() -> asyncpg.Pool | None:
+    """The open pool of the running loop, or None: the warm path, no await."""
+    if _pool is not None and _pool_loop is asyncio.get_running_loop() and not _pool.is_closing():
+        return _pool
+    return None
+
+
 async def get_pool() -> asyncpg.Pool:
     global _pool, _pool_loop, _lock
     loop = asyncio.get_running_loop()

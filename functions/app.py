@@ -39,7 +39,7 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from database import DreamLensError, stats, time_budget
-from functions import settings
+from functions import metrics, settings
 from functions.errors import (
     MalformedRequest,
     PayloadTooLarge,
@@ -125,7 +125,11 @@ class RequestLog:
                 }
             await send(message)
 
-        with stats.collect() as counted, time_budget(database_budget(scope)):
+        with (
+            stats.collect() as counted,
+            metrics.gathered() as counted_by_endpoint,
+            time_budget(database_budget(scope)),
+        ):
             try:
                 # URLs kept in Secrets Manager must reach os.environ before the first statement
                 settings.load_database_secrets()
@@ -151,7 +155,7 @@ class RequestLog:
             fields["user_id"] = str(user_id)
         if state.get("error"):
             fields["error"] = state["error"]
-        log_request(fields)
+        log_request(fields, counted_by_endpoint)
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -29,10 +29,11 @@ metrics.json_lines_to_stdout(request_log)
 _cold_start = True
 
 
-def request_metrics(fields: dict[str, Any]) -> dict[str, Any]:
+def request_metrics(fields: dict[str, Any], more: metrics.Gathered | None = None) -> dict[str, Any]:
     """The request line as a CloudWatch EMF document: the same line is the log
     entry and the metrics (requests by route and status, latency, database ms
-    and round trips, cold starts), so metrics cost no extra line and no AWS call."""
+    and round trips, cold starts, and what the endpoint emitted: `more`), so
+    metrics cost no extra line and no AWS call."""
     global _cold_start
     values: dict[str, float | int] = {
         "Requests": 1,
@@ -44,12 +45,12 @@ def request_metrics(fields: dict[str, Any]) -> dict[str, Any]:
         values["ColdStarts"] = 1
         _cold_start = False
     dimensions = {"Route": str(fields.get("route") or "unmatched"), "Status": str(fields.get("status"))}
-    return metrics.document(values, dimensions, properties=fields)
+    return metrics.document(values, dimensions, properties=fields, more=more)
 
 
-def log_request(fields: dict[str, Any]) -> None:
+def log_request(fields: dict[str, Any], more: metrics.Gathered | None = None) -> None:
     status = fields.get("status", 500)
     level = logging.ERROR if isinstance(status, int) and status >= 500 else logging.INFO
     if request_log.isEnabledFor(level):
-        line = json.dumps(request_metrics(fields), separators=(",", ":"), default=str)
+        line = json.dumps(request_metrics(fields, more), separators=(",", ":"), default=str)
         request_log.log(level, line)

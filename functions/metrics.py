@@ -7,16 +7,23 @@ which Lambda ships to CloudWatch Logs anyway.
     emit({"TokensSpent": 2}, dimensions={"Function": "generations"})
 
 Counts default to the unit "Count"; names ending in "Ms" are "Milliseconds".
+
+Inside a request (functions/app.py's RequestLog opens `gathered()`), emit()
+writes nothing itself: the values ride on the request's own log line, which
+is an EMF document already, as a directive of their own. A request then
+writes one line whatever it counts, and a spend pays for no second line.
 """
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 NAMESPACE = os.environ.get("METRICS_NAMESPACE", "DreamLens")
@@ -52,30 +59,67 @@ def function_name() -> str:
     return full.rsplit("-", 1)[-1] if full else "local"
 
 
+# dimension values (sorted name, value pairs) -> metric values, for the request under way
+Gathered = dict[tuple[tuple[str, str], ...], dict[str, float | int]]
+_gathered: contextvars.ContextVar[Gathered | None] = contextvars.ContextVar(
+    "dreamlens_request_metrics", default=None
+)
+
+
+@contextmanager
+def gathered() -> Iterator[Gathered]:
+    """Collect what emit() is given in the block, for the request line to carry."""
+    collected: Gathered = {}
+    token = _gathered.set(collected)
+    try:
+        yield collected
+    finally:
+        _gathered.reset(token)
+
+
+def _directive(names: Mapping[str, Any], dimension_names: list[str]) -> dict[str, Any]:
+    return {
+        "Namespace": NAMESPACE,
+        "Dimensions": [dimension_names],
+        "Metrics": [{"Name": name, "Unit": unit_for(name)} for name in names],
+    }
+
+
 def document(
     values: Mapping[str, float | int],
     dimensions: Mapping[str, str] | None = None,
     properties: Mapping[str, Any] | None = None,
     timestamp_ms: int | None = None,
+    more: Gathered | None = None,
 ) -> dict[str, Any]:
     """The EMF document: metric values at the top level beside their
-    dimensions, and the `_aws` block that declares them."""
+    dimensions, and the `_aws` block that declares them. `more` adds metrics
+    with dimensions of their own (Function and theirs), one directive each;
+    a group whose names would clash with the document's is written as a line
+    of its own instead."""
     dims = {"Function": function_name(), **(dimensions or {})}
-    return {
-        **(properties or {}),
-        **dims,
-        **values,
-        "_aws": {
-            "Timestamp": timestamp_ms if timestamp_ms is not None else int(time.time() * 1000),
-            "CloudWatchMetrics": [
-                {
-                    "Namespace": NAMESPACE,
-                    "Dimensions": [sorted(dims)],
-                    "Metrics": [{"Name": name, "Unit": unit_for(name)} for name in values],
-                }
-            ],
-        },
+    root: dict[str, Any] = {**(properties or {}), **dims, **values}
+    directives = [_directive(values, sorted(dims))]
+    for pairs, group in (more or {}).items():
+        group_dims = {"Function": dims["Function"], **dict(pairs)}
+        clashes = any(name in root for name in group) or any(
+            root.get(name, value) != value for name, value in group_dims.items()
+        )
+        if clashes:
+            _write(document(group, dict(pairs)))
+            continue
+        root.update(group_dims)
+        root.update(group)
+        directives.append(_directive(group, sorted(group_dims)))
+    root["_aws"] = {
+        "Timestamp": timestamp_ms if timestamp_ms is not None else int(time.time() * 1000),
+        "CloudWatchMetrics": directives,
     }
+    return root
+
+
+def _write(emf: dict[str, Any]) -> None:
+    metrics_log.info(json.dumps(emf, separators=(",", ":")))
 
 
 def emit(
@@ -83,6 +127,13 @@ def emit(
     dimensions: Mapping[str, str] | None = None,
     properties: Mapping[str, Any] | None = None,
 ) -> None:
-    if values and metrics_log.isEnabledFor(logging.INFO):
-        line = json.dumps(document(values, dimensions, properties), separators=(",", ":"))
-        metrics_log.info(line)
+    if not values:
+        return
+    collected = _gathered.get()
+    if collected is not None and properties is None:
+        group = collected.setdefault(tuple(sorted((dimensions or {}).items())), {})
+        for name, value in values.items():
+            group[name] = group.get(name, 0) + value
+        return
+    if metrics_log.isEnabledFor(logging.INFO):
+        _write(document(values, dimensions, properties))

@@ -79,15 +79,33 @@ def capture_requests(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="dreamlens.request")
 
 
+def _logged(caplog: pytest.LogCaptureFixture) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (r.name, json.loads(r.getMessage()))
+        for r in caplog.records
+        if r.name in ("dreamlens.metrics", "dreamlens.request")
+    ]
+
+
+def _counted(logger: str, line: dict[str, Any]) -> list[dict[str, Any]]:
+    """The directives of what the code counted: all of a metrics line's; a
+    request line's after its first (the request's own Requests, LatencyMs...)."""
+    directives: list[dict[str, Any]] = line["_aws"]["CloudWatchMetrics"]
+    return directives if logger == "dreamlens.metrics" else directives[1:]
+
+
 def metric_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
-    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "dreamlens.metrics"]
+    """The EMF documents that carry a metric the code emitted: a request's
+    own line (emit() inside a request) or a line of its own (outside one)."""
+    return [line for logger, line in _logged(caplog) if _counted(logger, line)]
 
 
 def metric_names(caplog: pytest.LogCaptureFixture) -> list[list[str]]:
-    """The metrics each EMF line declares, line by line."""
+    """The metrics the code emitted, document by document."""
     return [
-        [metric["Name"] for metric in line["_aws"]["CloudWatchMetrics"][0]["Metrics"]]
-        for line in metric_lines(caplog)
+        [metric["Name"] for directive in _counted(logger, line) for metric in directive["Metrics"]]
+        for logger, line in _logged(caplog)
+        if _counted(logger, line)
     ]
 
 

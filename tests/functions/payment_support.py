@@ -19,6 +19,7 @@ import pytest
 from functions import payments, settings, webhook
 from functions.app import build_app
 from functions.fake_yookassa import FakeYooKassa, InProcessServer, serve_in_process, start_fake_yookassa
+from tests.functions.callers import metric_lines
 from tests.functions.lambda_events import EVENT_BUILDERS, Invocation, invoke
 
 EVENTS = Path(__file__).parent.parent / "events" / "yookassa"
@@ -167,10 +168,6 @@ async def user_of_device(admin: asyncpg.Connection, device: str) -> UUID:
 
 def request_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
     return [json.loads(r.getMessage()) for r in caplog.records if r.name == "dreamlens.request"]
-
-
-def metric_lines(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
-    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "dreamlens.metrics"]
 
 
 def webhook_outcomes(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -32,6 +32,7 @@ from tests.functions.callers import (
     fingerprint,
     metric_lines,
     metric_names,
+    request_lines,
     round_trips,
 )
 from tests.functions.lambda_events import EVENT_BUILDERS, Invocation, LambdaRuntime, invoke
@@ -219,10 +220,17 @@ async def test_metrics_one_line_for_a_spend_none_for_a_replay(
     await post("v2", {"prompt": "a red fox", "quality": "hd"}, headers)
     await post("v2", {"prompt": "a red fox", "quality": "hd"}, headers)
     await get("v2", "/api/generations", device(DEVICE))
+    # one line per request: the spend's metric rides on its request line
+    assert [line["Route"] for line in request_lines(caplog)] == ["/api/generations"] * 3
     [metric] = metric_lines(caplog)
-    assert metric["TokensSpent"] == 2
-    definitions = metric["_aws"]["CloudWatchMetrics"][0]
-    assert definitions["Metrics"] == [{"Name": "TokensSpent", "Unit": "Count"}]
+    assert (metric["TokensSpent"], metric["Status"]) == (2, "201")
+    request, spent = metric["_aws"]["CloudWatchMetrics"]
+    assert "Requests" in [m["Name"] for m in request["Metrics"]]
+    assert spent == {
+        "Namespace": "DreamLens",
+        "Dimensions": [["Function"]],
+        "Metrics": [{"Name": "TokensSpent", "Unit": "Count"}],
+    }
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -132,3 +132,39 @@ def test_outside_lambda_lines_propagate_to_the_usual_handlers() -> None:
     logger = logging.getLogger("dreamlens.metrics.local_test")
     metrics.json_lines_to_stdout(logger)
     assert logger.propagate and logger.handlers == []
+
+
+def test_inside_a_request_emitted_metrics_join_its_line(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dreamlens.metrics")
+    with metrics.gathered() as counted:
+        metrics.emit({"TokensSpent": 2})
+        metrics.emit({"TokensSpent": 3})
+        metrics.emit({"WebhookNotifications": 1}, dimensions={"Outcome": "credited"})
+    assert emf_lines(caplog, "dreamlens.metrics") == []  # nothing written on its own
+    line = metrics.document({"Requests": 1}, {"Route": "/api/x"}, more=counted)
+    assert_valid_emf(line)
+    assert (line["TokensSpent"], line["WebhookNotifications"], line["Outcome"]) == (5, 1, "credited")
+    assert [d["Dimensions"] for d in line["_aws"]["CloudWatchMetrics"]] == [
+        [["Function", "Route"]],
+        [["Function"]],
+        [["Function", "Outcome"]],
+    ]
+
+
+def test_a_metric_that_would_clash_with_the_request_line_gets_a_line_of_its_own(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="dreamlens.metrics")
+    with metrics.gathered() as counted:
+        metrics.emit({"Requests": 7})  # the request line's own metric name
+        metrics.emit({"Jobs": 1}, dimensions={"Route": "elsewhere"})  # another Route value
+    line = metrics.document({"Requests": 1}, {"Route": "/api/x"}, more=counted)
+    assert_valid_emf(line)
+    assert (line["Requests"], line["Route"], len(line["_aws"]["CloudWatchMetrics"])) == (1, "/api/x", 1)
+    own = emf_lines(caplog, "dreamlens.metrics")
+    assert [(m.get("Requests"), m.get("Jobs"), m.get("Route")) for m in own] == [
+        (7, None, None),
+        (None, 1, "elsewhere"),
+    ]
+    for document in own:
+        assert_valid_emf(document)
