@@ -1,21 +1,30 @@
-"""One asyncpg pool per process, created lazily and bound to the running loop.
+"""One pool per process, created lazily and bound to the running loop.
 
 Mangum runs every invocation on one persistent event loop, so the pool made
 on the first request serves every warm request after it. A pool made on
 another loop (a test's, or an `asyncio.run()` at import) cannot be used from
 this one: it is dropped and a new pool is made.
+
+A pool of one (DB_POOL_MAX_SIZE=1, the default inside Lambda, which runs one
+request at a time) is a single connection (OneConnection): asyncpg's Pool
+would spend about 90 µs of every warm request on sharing a connection that
+is never shared (a proxy object, a shielded task on release, an idle timer).
+Larger pools (the local server, the tests' concurrent callers) are asyncpg's.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from types import TracebackType
+from typing import Any, TypeAlias
 
 import asyncpg
 
 from database import config
 
-_pool: asyncpg.Pool | None = None
+Pool: TypeAlias = "asyncpg.Pool | OneConnection"
+
+_pool: Pool | None = None
 _pool_loop: asyncio.AbstractEventLoop | None = None
 _lock: asyncio.Lock | None = None
 
@@ -49,14 +58,110 @@ def connect_arguments(settings: config.Settings) -> dict[str, Any]:
     }
 
 
-def current() -> asyncpg.Pool | None:
+class OneConnection:
+    """A pool of one connection, made on first use and made again once closed.
+
+    Callers take turns (an asyncio.Lock), so the local server still works
+    with DB_POOL_MAX_SIZE=1. A connection is handed back only in a known
+    state: one given back inside a transaction or by a cancelled caller (a
+    query may still be running on it) is terminated, and the server rolls
+    back whatever it had open; the next caller connects anew."""
+
+    def __init__(self) -> None:
+        self._connection: asyncpg.Connection | None = None
+        self._turn = asyncio.Lock()
+        self._closing = False
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def get_idle_size(self) -> int:
+        return 0 if self._turn.locked() or self._connection is None else 1
+
+    def acquire(self, *, timeout: float | None = None) -> _Turn:
+        return _Turn(self, timeout)
+
+    async def _take(self, wait: float | None) -> asyncpg.Connection:
+        if self._closing:
+            raise asyncpg.InterfaceError("the pool is closed")
+        if self._turn.locked() and wait is not None:
+            await asyncio.wait_for(self._turn.acquire(), wait)
+        else:
+            await self._turn.acquire()  # free: taken without suspending
+        try:
+            connection = self._connection
+            if connection is None or connection.is_closed():
+                connection = await self._connect(wait)
+            return connection
+        except BaseException:
+            self._turn.release()
+            raise
+
+    async def _connect(self, within: float | None) -> asyncpg.Connection:
+        self._connection = None
+        # the settings of now, not of when the pool was made: a URL that
+        # failed may have been corrected since (a secret loaded, a test)
+        settings = config.settings()
+        arguments = connect_arguments(settings)
+        if within is not None:
+            arguments["timeout"] = min(within, arguments["timeout"])
+        connection: asyncpg.Connection = await asyncpg.connect(settings.url, **arguments)
+        await _on_connect(connection)
+        self._connection = connection
+        return connection
+
+    def _give_back(self, connection: asyncpg.Connection, clean: bool) -> None:
+        if connection.is_closed():
+            pass  # the next caller connects anew
+        elif not clean or connection.is_in_transaction():
+            connection.terminate()
+        self._turn.release()
+
+    async def close(self) -> None:
+        self._closing = True
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed():
+            await connection.close()
+
+    def terminate(self) -> None:
+        self._closing = True
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.terminate()
+
+
+class _Turn:
+    """`async with one.acquire(timeout=...) as connection:`, as asyncpg's Pool."""
+
+    __slots__ = ("_connection", "_owner", "_timeout")
+
+    def __init__(self, owner: OneConnection, timeout: float | None) -> None:
+        self._owner = owner
+        self._timeout = timeout
+        self._connection: asyncpg.Connection | None = None
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        self._connection = await self._owner._take(self._timeout)
+        return self._connection
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        assert self._connection is not None
+        # an Exception came back from a query that ended; anything else (a
+        # cancellation) may have left one running
+        clean = kind is None or issubclass(kind, Exception)
+        self._owner._give_back(self._connection, clean)
+
+
+def current() -> Pool | None:
     """The open pool of the running loop, or None: the warm path, no await."""
     if _pool is not None and _pool_loop is asyncio.get_running_loop() and not _pool.is_closing():
         return _pool
     return None
 
 
-async def get_pool() -> asyncpg.Pool:
+async def get_pool() -> Pool:
     global _pool, _pool_loop, _lock
     loop = asyncio.get_running_loop()
     if _pool is not None and _pool_loop is loop and not _pool.is_closing():
@@ -71,6 +176,9 @@ async def get_pool() -> asyncpg.Pool:
     async with _lock:
         if _pool is None or _pool.is_closing():
             settings = config.settings()
+            if settings.pool_max_size == 1:
+                _pool = OneConnection()
+                return _pool
             _pool = await asyncpg.create_pool(
                 settings.url,
                 min_size=settings.pool_min_size,

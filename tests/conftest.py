@@ -54,6 +54,9 @@ def database_url(direct_url: str) -> Iterator[str]:
             url = stack.enter_context(pgbouncer.pgbouncer(direct_url))
             os.environ["POSTGRES_URL_NON_POOLING"] = direct_url
             os.environ["DB_STATEMENT_CACHE_SIZE"] = "0"
+            # as a Lambda runs: one connection (database/pool.py's OneConnection),
+            # unless a test asks for a wider pool for its concurrent callers
+            os.environ["DB_POOL_MAX_SIZE"] = "1"
         os.environ.pop("POSTGRES_URL", None)
         os.environ["DATABASE_URL"] = url
         yield url

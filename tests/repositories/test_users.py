@@ -232,7 +232,8 @@ async def test_retry_after_never_exceeds_the_window(admin: asyncpg.Connection) -
     transaction, which may come before the signup it counts (the transaction
     begins, then waits for the IP lock): retry_after came out as 3601."""
     ip = "198.51.100.40"
-    async with transaction() as tx:
+    # a transaction held open while another signup runs beside it: two connections
+    async with wide_pool(2), transaction() as tx:
         await tx.fetchval("select now()")  # this transaction has begun
         assert (await users.get_or_create_device_user("device-early-0001", ip, 1)).created
         with pytest.raises(RateLimited) as raised:
