@@ -175,11 +175,20 @@ async def _drop_database(admin_url: str, name: str) -> None:
         await connection.close()
 
 
+def point_app_at(url: str) -> None:
+    """The app's database settings, as a deployed function has them: `url`,
+    and a pool of one connection (a Lambda serves one request at a time;
+    DB_POOL_MAX_SIZE's default there) unless the caller set another size."""
+    os.environ["DATABASE_URL"] = url
+    os.environ.setdefault("DB_POOL_MIN_SIZE", "1")
+    os.environ.setdefault("DB_POOL_MAX_SIZE", "1")
+
+
 async def apply_schema(url: str) -> list[str]:
     """Point the app's database layer at `url` and apply schema.sql."""
     from database import config, init_database
 
-    os.environ["DATABASE_URL"] = url
+    point_app_at(url)
     os.environ.pop("POSTGRES_URL", None)
     os.environ.pop("POSTGRES_URL_NON_POOLING", None)
     config.reset()
@@ -236,7 +245,7 @@ def start_database(name: str | None = None, *, schema: bool = True) -> BenchData
     if schema:
         run_sync(lambda: apply_schema(url))
     else:
-        os.environ["DATABASE_URL"] = url
+        point_app_at(url)
     return database
 
 
