@@ -9,9 +9,10 @@
 #   .ci/package.sh            what CI runs (.ci/run calls it)
 #   DREAMLENS_PACKAGE_STAGE=prod .ci/package.sh   the template of another stage
 #
-# Needs uv, node and npm. The Serverless Framework is installed from the npm
-# registry into build/serverless/ (ignored by git) at the version serverless.yml
-# pins, without a lock file.
+# Needs uv, node, npm and a CPython of the runtime's version (serverless.yml's
+# python3.12) to compile the artifact's bytecode. The Serverless Framework is
+# installed from the npm registry into build/serverless/ (ignored by git) at
+# the version serverless.yml pins, without a lock file.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +25,10 @@ started=$(date +%s)
 export SLS_TELEMETRY_DISABLED=1 SLS_NOTIFICATIONS_MODE=off SLS_INTERACTIVE_SETUP_DISABLE=1
 
 echo "--- building the Lambda artifact"
-uv run --quiet python .ci/build_lambda.py
+# CI machines have a CPython of the runtime's version (`uv python install 3.12`
+# provides one): an artifact without bytecode would compile every module at
+# every cold start, so CI refuses to build one
+uv run --quiet python .ci/build_lambda.py --require-bytecode
 
 echo "--- serverless package --stage $STAGE"
 sls_version=$(sed -n 's/^frameworkVersion: *"\{0,1\}\([0-9.]*\)"\{0,1\} *$/\1/p' serverless.yml)

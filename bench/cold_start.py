@@ -3,7 +3,7 @@ first API Gateway event, timed from process launch to the response.
 
 `measure_cold_start(module, event_file)` launches `python -c ...` once per
 run (after one untimed launch that warms the page cache and writes .pyc files,
-as a deployed package has them). The child imports the module, calls
+as a package that ships bytecode has them). The child imports the module, calls
 `handler(event, context)` once and prints the monotonic clock at the moment
 the response is back; the parent subtracts its own clock read just before the
 launch (CLOCK_MONOTONIC is system-wide), so interpreter start-up, imports,
@@ -18,6 +18,15 @@ The child imports nothing from bench/ beyond the module under test.
   applied); reach ≤ 250 ms;
 - functions.generations for a Clerk caller (a signed session token: PyJWT and
   cryptography load on the first Bearer token);
+- functions.generations from the Lambda artifact itself: the zip
+  `.ci/build_lambda.py` builds (build/lambda/dreamlens.zip when it is newer
+  than the sources, else built afresh into a scratch directory), unzipped and
+  run by the runtime's interpreter (python3.12 -I -S -B: the artifact
+  directory, then the standard library, on sys.path; nothing written), so
+  its own 3.12 dependencies and shipped bytecode are what loads; reach
+  ≤ 250 ms;
+- functions.generations and the peer compiling every module from source (no
+  bytecode read or written): what a package without bytecode costs;
 - the FastAPI + Mangum hello world (the peer) and the Starlette + Mangum one
   (the floor the functions stand on);
 
@@ -29,6 +38,7 @@ against its second request; and where the import time goes
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -37,12 +47,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
+BUILD_SCRIPT = ROOT / ".ci" / "build_lambda.py"
+BUILT_ARTIFACT = ROOT / "build" / "lambda" / "dreamlens.zip"
 
 # what runs in the fresh process: argv = module, event file, handler name
 CHILD = """
@@ -111,8 +126,9 @@ def bytecode_env(cache_dir: Path | None) -> dict[str, str | None]:
     """With a directory: bytecode written there on the first launch and read
     by the next (PYTHONPYCACHEPREFIX; the checkout and .venv stay untouched),
     as in a package that ships .pyc files. None: no bytecode written or read
-    beyond what the interpreter's own standard library carries, as in a
-    package shipped without it on Lambda's read-only code directory."""
+    beyond what the interpreter's own standard library carries: every module
+    compiled from source, as a package without bytecode on Lambda's
+    read-only code directory would be."""
     if cache_dir is None:
         return {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONPYCACHEPREFIX": None}
     return {"PYTHONDONTWRITEBYTECODE": None, "PYTHONPYCACHEPREFIX": str(cache_dir)}
@@ -140,9 +156,13 @@ def launch_once(
     env: dict[str, str | None] | None = None,
     timeout_s: float = 60,
     expect_status: int | None = 200,
+    python: Sequence[str] = (),
+    prelude: str = "",
 ) -> float:
-    """One fresh process; milliseconds from launch to the handler's response."""
-    command = [sys.executable, "-c", CHILD, module, str(event_file), handler]
+    """One fresh process; milliseconds from launch to the handler's response.
+    `python`: the interpreter and its options (default: this one); `prelude`:
+    code the child runs first (e.g. to put an artifact on sys.path)."""
+    command = [*(python or [sys.executable]), "-c", prelude + CHILD, module, str(event_file), handler]
     started = time.monotonic_ns()
     completed = subprocess.run(
         command, capture_output=True, text=True, timeout=timeout_s, env=_child_env(env), cwd=ROOT, check=False
@@ -272,12 +292,25 @@ def write_event(event: dict[str, object], directory: Path | None = None) -> Path
 
 @dataclass(frozen=True)
 class Launch:
-    """One kind of fresh process: a module answering an event."""
+    """One kind of fresh process: a module answering an event (with
+    `python` and `prelude` as launch_once takes them)."""
 
     module: str
     event_file: Path
     expect_status: int = 200
     env: dict[str, str | None] | None = None
+    python: tuple[str, ...] = ()
+    prelude: str = ""
+
+    def once(self) -> float:
+        return launch_once(
+            self.module,
+            self.event_file,
+            env=self.env,
+            expect_status=self.expect_status,
+            python=self.python,
+            prelude=self.prelude,
+        )
 
 
 def compare_launches(
@@ -288,17 +321,12 @@ def compare_launches(
     deadline = time.monotonic() + budget_s
     for launch in launches.values():
         for _ in range(warmup):
-            launch_once(launch.module, launch.event_file, env=launch.env, expect_status=launch.expect_status)
+            launch.once()
     samples: dict[str, list[float]] = {name: [] for name in launches}
     order = list(launches)
     for _ in range(runs):
         for name in order:
-            launch = launches[name]
-            samples[name].append(
-                launch_once(
-                    launch.module, launch.event_file, env=launch.env, expect_status=launch.expect_status
-                )
-            )
+            samples[name].append(launches[name].once())
         order = order[1:] + order[:1]
         if time.monotonic() > deadline:
             print(f"  (time budget of {budget_s:g} s reached after {len(samples[order[0]])} runs)")
@@ -347,6 +375,93 @@ def import_time_by_package(
             package = match.group(2).split(".")[0]
             totals[package] = totals.get(package, 0.0) + int(match.group(1)) / 1000
     return sorted(totals.items(), key=lambda item: item[1], reverse=True)[:top]
+
+
+def _build_script() -> Any:
+    """.ci/build_lambda.py as a module (.ci is no package): the runtime's
+    version and the search for its interpreter, as the build does them."""
+    name = "dreamlens_build_lambda"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BUILD_SCRIPT)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while it runs
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _artifact_sources() -> list[Path]:
+    """What the artifact is built from: a zip older than any of them is stale."""
+    found = [ROOT / name for name in ("schema.sql", "pyproject.toml", "uv.lock", "serverless.yml")]
+    found.append(BUILD_SCRIPT)
+    for package in ("functions", "repositories", "database"):
+        found += (ROOT / package).rglob("*.py")
+    return [path for path in found if path.exists()]
+
+
+def _missing_bytecode(archive_path: Path, cache_tag: str) -> int:
+    """How many modules of the zip have no pyc of `cache_tag`."""
+    with zipfile.ZipFile(archive_path) as archive:
+        names = set(archive.namelist())
+    missing = 0
+    for name in names:
+        if name.endswith(".py"):
+            directory, _, file = name.rpartition("/")
+            pyc = f"{directory}/__pycache__/{file[:-3]}.{cache_tag}.pyc".lstrip("/")
+            missing += pyc not in names
+    return missing
+
+
+def lambda_artifact(scratch: Path, cache_tag: str) -> tuple[Path, str]:
+    """The deploy artifact to measure and where it came from: build/lambda's
+    when it is newer than every source and carries its bytecode, else one
+    built now into `scratch` (requiring bytecode)."""
+    if BUILT_ARTIFACT.exists():
+        built = BUILT_ARTIFACT.stat().st_mtime
+        newest = max(path.stat().st_mtime for path in _artifact_sources())
+        if built > newest and _missing_bytecode(BUILT_ARTIFACT, cache_tag) == 0:
+            return BUILT_ARTIFACT, f"{BUILT_ARTIFACT.relative_to(ROOT)} (newer than the sources)"
+    out = scratch / "dreamlens.zip"
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, str(BUILD_SCRIPT), "--require-bytecode", "--out", str(out)],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return out, f"built now by .ci/build_lambda.py ({time.perf_counter() - started:.0f} s)"
+
+
+# counts the artifact's modules compiled from source while the handler imports
+_COMPILES_CHECK = """
+import importlib, importlib.machinery, sys
+root = sys.argv[1]
+sys.path.insert(0, root)
+compiled = []
+original = importlib.machinery.SourceFileLoader.source_to_code
+def source_to_code(self, data, path, *args, **kwargs):
+    if str(path).startswith(root):
+        compiled.append(str(path))
+    return original(self, data, path, *args, **kwargs)
+importlib.machinery.SourceFileLoader.source_to_code = source_to_code
+importlib.import_module(sys.argv[2])
+loaded = [m for m in list(sys.modules.values()) if (getattr(m, "__file__", None) or "").startswith(root)]
+print(len(loaded), len(compiled))
+"""
+
+
+def compiled_at_import(python: Sequence[str], task_root: Path, module: str) -> tuple[int, int]:
+    """(modules of the artifact imported, how many of them compiled from source)."""
+    completed = subprocess.run(
+        [*python, "-c", _COMPILES_CHECK, str(task_root), module],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    loaded, compiled = completed.stdout.split()
+    return int(loaded), int(compiled)
 
 
 # ------------------------------------------------------------------ the run
@@ -418,6 +533,49 @@ def _show(label: str, samples: list[float]) -> str:
     )
 
 
+def _artifact_launches(scratch: Path, event_file: Path, database_url: str) -> dict[str, Launch]:
+    """functions.generations run from the unzipped deploy artifact by the
+    runtime's interpreter, or nothing (said why) when this machine has none."""
+    build = _build_script()
+    version, _ = build.runtime_of_service()
+    python = build.runtime_python(version)
+    if python is None:
+        print(
+            f"note: no CPython {version} here (`uv python install {version}` provides one): "
+            "the Lambda artifact is not measured"
+        )
+        return {}
+    cache_tag = "cpython-" + version.replace(".", "")
+    archive_path, origin = lambda_artifact(scratch, cache_tag)
+    task_root = scratch / "lambda-task-root"
+    with zipfile.ZipFile(archive_path) as archive:
+        archive.extractall(task_root)
+    # -I: no PYTHON* variables, no user site, nothing of this venv; -S: no
+    # site-packages of that interpreter; -B: nothing written, as on Lambda's
+    # read-only code directory. sys.path: the artifact, then the standard library.
+    command = (python, "-I", "-S", "-B")
+    loaded, from_source = compiled_at_import(command, task_root, "functions.generations")
+    print(
+        f"Lambda artifact: {origin}; CPython {version} ({python}); importing functions.generations "
+        f"loads {loaded} modules of the artifact, {loaded - from_source} from their shipped pyc, "
+        f"{from_source} compiled from source"
+    )
+    label = f"functions.generations from the Lambda artifact (python{version}, shipped bytecode)"
+    if from_source:
+        label = f"functions.generations from the Lambda artifact (python{version}, {from_source} compiled)"
+    prelude = f"import sys; sys.path.insert(0, {str(task_root)!r})\n"
+    return {
+        label: Launch(
+            "functions.generations",
+            event_file,
+            201,
+            {"DATABASE_URL": database_url},
+            python=command,
+            prelude=prelude,
+        )
+    }
+
+
 def main() -> None:
     from harness import api_gateway_v2_event, banner, bench_database, run_sync, with_database
     from workload import Figures, generation_event, load_line
@@ -443,6 +601,7 @@ def main() -> None:
         files = {name: write_event(event, directory) for name, event in events.items()}
         compiled = bytecode_env(directory / "pycache")
         source = bytecode_env(None)
+        artifact_launches = _artifact_launches(directory, files["generation"], database.url)
         database_env: dict[str, str | None] = {"DATABASE_URL": database.url}
         clerk_env: dict[str, str | None] = {**database_env, "CLERK_JWT_KEY": pem}
         generation, tokens, clerk = (
@@ -466,24 +625,27 @@ def main() -> None:
             "floor: Starlette + Mangum hello (bytecode)": Launch(
                 "cold_start_starlette_peer", files["hello"], 200, compiled
             ),
-            f"{generation} (no bytecode)": Launch(
+            **artifact_launches,
+            f"{generation} (compiling from source)": Launch(
                 "functions.generations", files["generation"], 201, {**database_env, **source}
             ),
-            "peer: FastAPI + Mangum hello (no bytecode)": Launch(
+            "peer: FastAPI + Mangum hello (compiling from source)": Launch(
                 "cold_start_peer", files["hello"], 200, source
             ),
         }
         stale = bytecode_in_checkout()
         if stale:
-            print(f"note: bytecode found in {', '.join(map(str, stale))}: the no-bytecode runs read it")
+            print(f"note: bytecode found in {', '.join(map(str, stale))}: the from-source runs read it")
         measured = compare_launches(launches, RUNS)
         print(f"after:  {load_line()}")
         width = max(map(len, launches))
         for name, samples in measured.items():
             print(f"{name:<{width}}  {_show(name, samples)}")
         print(
-            "(bytecode: .pyc written by an untimed first launch, as a package that ships it; no bytecode:"
-            " every project and library module compiled at import, as a package shipped without it)"
+            f"(bytecode: the dev venv, CPython {sys.version_info[0]}.{sys.version_info[1]}, .pyc written by"
+            " an untimed first launch; Lambda artifact: the deploy zip unzipped, its own dependencies and"
+            " shipped .pyc, the runtime's interpreter; compiling from source: no .pyc read or written, every"
+            " project and library module compiled at import)"
         )
         for name, samples in measured.items():
             if not name.startswith(("peer", "floor")):
@@ -494,7 +656,7 @@ def main() -> None:
                     unit=" ms",
                     digits=0,
                 )
-        for mode in ("bytecode", "no bytecode"):
+        for mode in ("bytecode", "compiling from source"):
             peer = statistics.median(measured[f"peer: FastAPI + Mangum hello ({mode})"])
             ours = statistics.median(measured[f"{generation} ({mode})"])
             figures.note(f"cold start peer: FastAPI + Mangum hello ({mode}, median)", f"{peer:.0f} ms")

@@ -5,11 +5,14 @@ These tests check what `.ci/package.sh` built (build/lambda/dreamlens.zip and
 .serverless/); they are marked `packaging` and left out of a plain
 `uv run pytest`. The artifact under test can be named with
 DREAMLENS_LAMBDA_ARTIFACT, the interpreter with DREAMLENS_SMOKE_PYTHON.
+
+The smoke runs use the artifact as Lambda does: unzipped into a read-only
+directory, its shipped bytecode loaded and none written.
 """
 
 from __future__ import annotations
 
-import glob
+import importlib.util
 import json
 import os
 import shutil
@@ -20,6 +23,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -111,6 +115,19 @@ def runtime_version(service: dict[str, Any]) -> str:
     return runtime.removeprefix("python")
 
 
+def load_build_script() -> ModuleType:
+    """.ci/build_lambda.py as a module (.ci is no package): its interpreter search."""
+    name = "dreamlens_build_lambda"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BUILD_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while it runs
+    spec.loader.exec_module(module)
+    return module
+
+
 def version_of(python: str) -> str | None:
     try:
         completed = subprocess.run(
@@ -128,27 +145,15 @@ def version_of(python: str) -> str | None:
 def machine_path() -> str:
     """PATH without this virtualenv's bin/ (`uv run` puts it first): the runtime's
     stand-in must be the machine's interpreter, not the project's."""
-    venv = Path(sys.prefix).resolve()
-    kept = [entry for entry in os.environ.get("PATH", "").split(os.pathsep) if entry]
-    return os.pathsep.join(entry for entry in kept if not Path(entry).resolve().is_relative_to(venv))
+    path: str = load_build_script().machine_path()
+    return path
 
 
 def interpreters_of(version: str) -> Iterator[str]:
-    """CPython `version` already on this machine: on PATH, under pyenv, or one uv
-    manages. Never downloaded: only package registries are reachable."""
-    on_path = shutil.which(f"python{version}", path=machine_path())
-    if on_path:
-        yield on_path
-    pyenv_root = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
-    yield from sorted(glob.glob(f"{pyenv_root}/versions/{version}.*/bin/python{version}"), reverse=True)
-    found = subprocess.run(
-        ["uv", "python", "find", "--no-python-downloads", "--system", version],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if found.returncode == 0 and found.stdout.strip():
-        yield found.stdout.strip()
+    """CPython `version` already on this machine, found as the build finds the
+    interpreter that compiles the artifact's bytecode: `uv python find`, on
+    PATH, under pyenv. Never downloaded: only package registries are reachable."""
+    yield from load_build_script().interpreter_candidates(version)
 
 
 @dataclass(frozen=True)
@@ -179,8 +184,9 @@ def smoke_runtime(
             runtime = SmokeRuntime(python, version, artifact, note)
             break
         smoke_zip = tmp_path_factory.mktemp("smoke-build") / f"dreamlens-py{version}.zip"
+        build = [sys.executable, str(BUILD_SCRIPT), "--python-version", version, "--require-bytecode"]
         subprocess.run(
-            [sys.executable, str(BUILD_SCRIPT), "--python-version", version, "--out", str(smoke_zip)],
+            [*build, "--out", str(smoke_zip)],
             check=True,
             cwd=ROOT,
             capture_output=True,
@@ -188,7 +194,8 @@ def smoke_runtime(
         why = f"DREAMLENS_SMOKE_PYTHON={chosen}" if chosen else f"no CPython {wanted} on this machine"
         note = (
             f"{why}: a smoke-only artifact built by the same recipe for CPython {version} "
-            f"({python}): the deploy artifact's code and pinned versions, cp{version.replace('.', '')} wheels"
+            f"({python}): the deploy artifact's code and pinned versions, "
+            f"cp{version.replace('.', '')} wheels and bytecode"
         )
         runtime = SmokeRuntime(python, version, smoke_zip, note)
         break
@@ -199,13 +206,21 @@ def smoke_runtime(
 
 
 @pytest.fixture(scope="session")
-def unzipped(smoke_runtime: SmokeRuntime, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The artifact unzipped into an empty directory."""
+def unzipped(smoke_runtime: SmokeRuntime, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The artifact unzipped into an empty directory, read-only as a Lambda's
+    code directory is (root may write there anyway: the smoke runs also pass
+    -B, and check that nothing was written)."""
     target = tmp_path_factory.mktemp("lambda-task-root")
     assert not any(target.iterdir())
     with zipfile.ZipFile(smoke_runtime.zip) as archive:
         archive.extractall(target)
-    return target
+    paths = [target, *target.rglob("*")]
+    for path in paths:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    yield target
+    # writable again, so pytest can remove it with its other temporary directories
+    for path in paths:
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 @pytest.fixture(scope="session")

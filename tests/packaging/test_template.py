@@ -8,6 +8,8 @@ its own logs, and nothing else.
 
 from __future__ import annotations
 
+import posixpath
+import struct
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -171,11 +173,47 @@ def test_artifact_carries_the_code_and_runtime_dependencies_only(artifact: Path)
     assert not [name for name in top_level if name.startswith(".")], "no dotfiles: .lock, .venv, ..."
     assert "functions/fake_yookassa.py" not in names
     assert "functions/cli.py" not in names
-    assert not [name for name in names if "__pycache__" in name or name.endswith((".pyc", ".pyo"))]
 
     size = sum(info.file_size for info in infos)
+    bytecode = sum(info.file_size for info in infos if info.filename.endswith(".pyc"))
     REPORT["artifact"] = (
-        f"{artifact.name}: {size / 1e6:.1f} MB unzipped ({len(infos)} files), "
-        f"{artifact.stat().st_size / 1e6:.1f} MB zipped"
+        f"{artifact.name}: {size / 1e6:.1f} MB unzipped ({len(infos)} files, of which bytecode "
+        f"{bytecode / 1e6:.1f} MB), {artifact.stat().st_size / 1e6:.1f} MB zipped"
     )
     assert size < MAX_UNZIPPED_BYTES
+
+
+def pyc_of(source: str, cache_tag: str) -> str:
+    """Where the interpreter looks for a module's bytecode (importlib.util.cache_from_source)."""
+    directory, name = posixpath.split(source)
+    return posixpath.join(directory, "__pycache__", f"{name.removesuffix('.py')}.{cache_tag}.pyc")
+
+
+# PEP 552: the pyc header's flags word. Bit 0: hash-based (no source mtime,
+# which the zip's 1980 timestamps would make stale); bit 1: check_source
+# (read and hash the source at every import). Unchecked-hash pycs: 0b01.
+UNCHECKED_HASH = 0b01
+
+
+def test_artifact_ships_bytecode_of_the_runtime_for_every_module(
+    artifact: Path, service: dict[str, Any]
+) -> None:
+    """A Lambda's code directory is read-only: a module without its pyc in the
+    zip is compiled from source at every cold start."""
+    version = str(service["provider"]["runtime"]).removeprefix("python")
+    cache_tag = "cpython-" + version.replace(".", "")
+    with zipfile.ZipFile(artifact) as archive:
+        names = set(archive.namelist())
+        sources = sorted(name for name in names if name.endswith(".py"))
+        compiled = sorted(name for name in names if name.endswith((".pyc", ".pyo")))
+        headers = {name: archive.read(name)[:16] for name in compiled}
+
+    assert sources, "no Python source in the artifact"
+    missing = [source for source in sources if pyc_of(source, cache_tag) not in names]
+    assert missing == [], f"{len(missing)} modules without {cache_tag} bytecode, e.g. {missing[:5]}"
+    # nothing else: no other interpreter's, no -O level, no legacy pyc beside its source
+    expected = {pyc_of(source, cache_tag) for source in sources}
+    assert sorted(set(compiled) - expected) == []
+    flags = {name: struct.unpack("<I", header[4:8])[0] for name, header in headers.items()}
+    not_unchecked = sorted(name for name, value in flags.items() if value != UNCHECKED_HASH)
+    assert not_unchecked == [], f"not unchecked-hash pycs: {not_unchecked[:5]}"
