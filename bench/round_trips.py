@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -129,8 +128,10 @@ class Meter:
 
     def __init__(self, proxy: DelayProxy) -> None:
         self.proxy = proxy
+        from functions.logging import request_lines
+
         self.lines = RequestLines()
-        logging.getLogger("dreamlens.request").addHandler(self.lines)
+        request_lines.stream = self.lines  # as Lambda writes them, read back here
 
         self.body: Any = None  # the measured response's JSON body
 

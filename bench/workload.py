@@ -96,29 +96,38 @@ def call(handler: Any, event: dict[str, Any], expect: int | tuple[int, ...] = (2
     return response
 
 
-class RequestLines(logging.Handler):
-    """Keeps the request log lines (JSON) a handler wrote; `.last()` is the newest."""
+class RequestLines:
+    """A stream for the request lines (functions/logging.py's request_lines),
+    kept parsed; `.last()` is the newest."""
 
     def __init__(self) -> None:
-        super().__init__(logging.INFO)
         self.lines: list[dict[str, Any]] = []
 
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.name == "dreamlens.request":
-            self.lines.append(json.loads(record.getMessage()))
+    def write(self, text: str) -> int:
+        self.lines += [json.loads(line) for line in text.splitlines() if line]
+        return len(text)
+
+    def flush(self) -> None:
+        pass
 
     def last(self) -> dict[str, Any]:
         return self.lines[-1]
 
 
 def write_logs_like_lambda() -> None:
-    """Format and write the log lines the app emits as the Lambda runtime
-    does: a handler on the root logger, which stays at WARNING (the runtime's
-    default; the app's request and metric loggers set INFO themselves, and
-    Mangum's per-request INFO line stays off). Written to /dev/null, so their
-    cost is in the figures and the output stays readable."""
-    root = logging.getLogger()
+    """Format and write the log lines the app emits as they are in Lambda,
+    to /dev/null, so their cost is in the figures and the output stays
+    readable: the request and metric lines bare, straight to the stream
+    (functions/metrics.py's JsonLines, as inside Lambda), anything else
+    through a root handler like the runtime's, left at WARNING (its default:
+    Mangum's per-request INFO line stays off)."""
+    from functions import logging as request_logging
+    from functions import metrics
+
     sink = open(os.devnull, "w")  # noqa: SIM115 (lives as long as the process)
+    request_logging.request_lines.stream = sink
+    metrics.metric_lines.stream = sink
+    root = logging.getLogger()
     handler = logging.StreamHandler(sink)
     handler.setFormatter(logging.Formatter("[%(levelname)s]\t%(asctime)s\t%(message)s"))
     root.addHandler(handler)

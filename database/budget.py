@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 # no retry is started with less than this left: a backoff and an attempt
 # would not fit in it
@@ -28,16 +26,23 @@ MIN_RETRY_SECONDS = 0.5
 _ends: contextvars.ContextVar[float | None] = contextvars.ContextVar("database_budget_ends", default=None)
 
 
-@contextmanager
-def time_budget(seconds: float | None) -> Iterator[None]:
+class time_budget:
     """Database work in the block (in this task) ends within `seconds`;
-    None: no bound but the configured timeouts."""
-    ends = None if seconds is None else asyncio.get_running_loop().time() + seconds
-    token = _ends.set(ends)
-    try:
-        yield
-    finally:
-        _ends.reset(token)
+    None: no bound but the configured timeouts. A class rather than
+    @contextmanager: every request opens one."""
+
+    __slots__ = ("_seconds", "_token")
+
+    def __init__(self, seconds: float | None) -> None:
+        self._seconds = seconds
+
+    def __enter__(self) -> None:
+        seconds = self._seconds
+        ends = None if seconds is None else asyncio.get_running_loop().time() + seconds
+        self._token = _ends.set(ends)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _ends.reset(self._token)
 
 
 def time_left() -> float | None:

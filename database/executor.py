@@ -112,9 +112,12 @@ async def _end_unfinished_query(connection: Connection) -> None:
 
 
 async def _timed(connection: Connection, method: str, query: str, args: tuple[Any, ...]) -> Any:
+    settings = config.settings()
     started = time.perf_counter()
     try:
-        return await getattr(connection, method)(query, *args, timeout=_timeout())
+        return await getattr(connection, method)(
+            query, *args, timeout=budget.bounded(settings.command_timeout or None)
+        )
     except Exception as exc:
         if _refused_by_asyncpg(exc):
             await _end_unfinished_query(connection)
@@ -122,10 +125,10 @@ async def _timed(connection: Connection, method: str, query: str, args: tuple[An
     finally:
         ms = (time.perf_counter() - started) * 1000
         stats.record(
-            stats.statement_name(query),
+            query,
             ms,
-            round_trips_per_statement(),
-            config.settings().slow_statement_ms,
+            1 if settings.statement_cache_size > 0 else 2,  # round_trips_per_statement()
+            settings.slow_statement_ms,
         )
 
 
@@ -189,25 +192,33 @@ async def run_with_retries(work: Callable[[], Awaitable[T]]) -> T:
         raise translated from exc
 
 
-@asynccontextmanager
-async def _pooled() -> AsyncIterator[Connection]:
+class _Pooled:
     """A connection from the pool (both bounded by the request's budget),
     dropped instead of returned when a statement on it ran out of time or its
     protocol lost its footing (errors.PROTOCOL_LOST): asyncpg would otherwise
-    wait on it, or hand the same broken connection to the next request."""
-    connection_pool = pool.current()
-    if connection_pool is None:
-        async with asyncio.timeout(budget.bounded(None)):
-            connection_pool = await pool.get_pool()
-    # an idle connection is handed over without waiting, so only a wait for
-    # one (a busy local server) needs the timer a bounded acquire costs
-    wait = budget.bounded(None) if connection_pool.get_idle_size() == 0 else None
-    async with connection_pool.acquire(timeout=wait) as connection:
-        try:
-            yield connection
-        except (asyncpg.InternalClientError, TimeoutError):
-            connection.terminate()
-            raise
+    wait on it, or hand the same broken connection to the next request.
+
+    A class, not an @asynccontextmanager: every statement passes through it,
+    and the generator machinery cost each one a few more frames."""
+
+    __slots__ = ("_connection", "_turn")
+
+    async def __aenter__(self) -> Connection:
+        connection_pool = pool.current()
+        if connection_pool is None:
+            async with asyncio.timeout(budget.bounded(None)):
+                connection_pool = await pool.get_pool()
+        # an idle connection is handed over without waiting, so only a wait for
+        # one (a busy local server) needs the timer a bounded acquire costs
+        wait = budget.bounded(None) if connection_pool.get_idle_size() == 0 else None
+        self._turn = connection_pool.acquire(timeout=wait)
+        self._connection: Connection = await self._turn.__aenter__()
+        return self._connection
+
+    async def __aexit__(self, kind: Any, error: BaseException | None, trace: Any) -> None:
+        if isinstance(error, asyncpg.InternalClientError | TimeoutError):
+            self._connection.terminate()
+        await self._turn.__aexit__(kind, error, trace)
 
 
 async def _command(connection: Connection, command: str) -> None:
@@ -236,7 +247,7 @@ class Sql:
 
     async def _run(self, method: str, query: str, args: tuple[Any, ...]) -> Any:
         async def once() -> Any:
-            async with _pooled() as connection:
+            async with _Pooled() as connection:
                 return await _timed(connection, method, query, args)
 
         return await run_with_retries(once)
@@ -295,7 +306,7 @@ async def transaction() -> AsyncIterator[Transaction]:
     run_in_transaction() for that.
     """
     try:
-        async with _pooled() as connection:
+        async with _Pooled() as connection:
             await _command(connection, "begin")
             try:
                 yield Transaction(connection)
@@ -315,7 +326,7 @@ async def run_in_transaction(work: Callable[[Transaction], Awaitable[T]]) -> T:
     with lazy init of an empty database."""
 
     async def once() -> T:
-        async with _pooled() as connection:
+        async with _Pooled() as connection:
             await _command(connection, "begin")
             try:
                 result = await work(Transaction(connection))

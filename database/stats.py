@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextvars
 import logging
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -38,22 +36,28 @@ class Stats:
 _current: contextvars.ContextVar[Stats | None] = contextvars.ContextVar("dreamlens_db_stats", default=None)
 
 
-@contextmanager
-def collect() -> Iterator[Stats]:
-    """Count the database work done inside the block (a request, a test)."""
-    stats = Stats()
-    token = _current.set(stats)
-    try:
-        yield stats
-    finally:
-        _current.reset(token)
+class collect:
+    """Count the database work done inside the block (a request, a test).
+    A class rather than @contextmanager: every request opens one."""
+
+    __slots__ = ("_token", "stats")
+
+    def __init__(self) -> None:
+        self.stats = Stats()
+
+    def __enter__(self) -> Stats:
+        self._token = _current.set(self.stats)
+        return self.stats
+
+    def __exit__(self, *exc_info: object) -> None:
+        _current.reset(self._token)
 
 
 def current() -> Stats | None:
     return _current.get()
 
 
-def record(name: str, ms: float, round_trips: int, slow_ms: float) -> None:
+def record(query: str, ms: float, round_trips: int, slow_ms: float) -> None:
     stats = _current.get()
     if stats is not None:
         stats.statements += 1
@@ -61,7 +65,7 @@ def record(name: str, ms: float, round_trips: int, slow_ms: float) -> None:
         stats.db_ms += ms
     if ms > slow_ms:
         # the statement's name only: parameters may hold prompts or ids
-        log.warning("slow statement %s took %.1f ms", name, ms)
+        log.warning("slow statement %s took %.1f ms", statement_name(query), ms)
 
 
 def record_round_trips(count: int) -> None:

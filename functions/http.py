@@ -182,6 +182,8 @@ def no_query_params(request: Request) -> None:
     """Refuse any query parameter on an endpoint that takes none (422), as a
     list refuses anything but `limit` and `before`: `?quality=hd` on a POST
     must not pass silently as the default."""
+    if not request.scope.get("query_string"):
+        return  # nothing sent: no need to parse
     names = list(request.query_params)
     if names:
         raise _query_error(names[0], "is not accepted here", "extra_forbidden")

@@ -16,14 +16,8 @@ from typing import Any
 
 from functions import metrics
 
-request_log = logging.getLogger("dreamlens.request")
-
-# The Lambda runtime leaves the root logger at WARNING unless the function's
-# log level is configured; the request line must show either way.
-if request_log.level == logging.NOTSET:
-    request_log.setLevel(logging.INFO)
-# the request line is an EMF document too: as it is on stdout, never prefixed
-metrics.json_lines_to_stdout(request_log)
+# the request line is an EMF document too: as it is on stdout inside Lambda
+request_lines = metrics.JsonLines(logging.getLogger("dreamlens.request"))
 
 
 _cold_start = True
@@ -51,6 +45,5 @@ def request_metrics(fields: dict[str, Any], more: metrics.Gathered | None = None
 def log_request(fields: dict[str, Any], more: metrics.Gathered | None = None) -> None:
     status = fields.get("status", 500)
     level = logging.ERROR if isinstance(status, int) and status >= 500 else logging.INFO
-    if request_log.isEnabledFor(level):
-        line = json.dumps(request_metrics(fields, more), separators=(",", ":"), default=str)
-        request_log.log(level, line)
+    line = json.dumps(request_metrics(fields, more), separators=(",", ":"), default=str)
+    request_lines.write(line, level)

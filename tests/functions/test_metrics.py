@@ -108,30 +108,34 @@ async def test_job_metrics_are_emf(admin: asyncpg.Connection, caplog: pytest.Log
 
 
 def test_inside_lambda_lines_reach_stdout_as_bare_json(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Regression: through the Lambda runtime's root handler every line got a
     `[INFO]\\t<time>\\t<request id>\\t` prefix, and CloudWatch extracts EMF only
     from a log event that is a JSON object: the metrics would never appear."""
     monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "dreamlens-prod-tokens")
-    logger = logging.getLogger("dreamlens.metrics.lambda_test")
-    logger.setLevel(logging.INFO)
-    metrics.json_lines_to_stdout(logger)
-    try:
-        logger.info(json.dumps(metrics.document({"TokensSpent": 1})))
-        [line] = capsys.readouterr().out.splitlines()
+    caplog.set_level(logging.INFO)
+    lines = metrics.JsonLines(logging.getLogger("dreamlens.metrics.lambda_test"))
+    lines.write(json.dumps(metrics.document({"TokensSpent": 1})))
+    lines.write(json.dumps(metrics.document({"TokensSpent": 2})), logging.ERROR)
+    first, second = capsys.readouterr().out.splitlines()
+    for line, spent in ((first, 1), (second, 2)):
         document = json.loads(line)  # the whole line is the JSON document
         assert_valid_emf(document)
-        assert not logger.propagate
-    finally:
-        logger.handlers.clear()
-        logger.propagate = True
+        assert document["TokensSpent"] == spent
+    assert caplog.records == []  # not through logging: no handler adds a prefix
 
 
-def test_outside_lambda_lines_propagate_to_the_usual_handlers() -> None:
-    logger = logging.getLogger("dreamlens.metrics.local_test")
-    metrics.json_lines_to_stdout(logger)
-    assert logger.propagate and logger.handlers == []
+def test_outside_lambda_lines_go_through_the_logger(
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dreamlens.metrics.local_test")
+    lines = metrics.JsonLines(logging.getLogger("dreamlens.metrics.local_test"))
+    lines.write('{"a":1}', logging.ERROR)
+    assert [(r.name, r.levelno, r.getMessage()) for r in caplog.records] == [
+        ("dreamlens.metrics.local_test", logging.ERROR, '{"a":1}')
+    ]
+    assert capsys.readouterr().out == ""
 
 
 def test_inside_a_request_emitted_metrics_join_its_line(caplog: pytest.LogCaptureFixture) -> None:
