@@ -10,7 +10,6 @@ accident.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -45,5 +44,4 @@ def request_metrics(fields: dict[str, Any], more: metrics.Gathered | None = None
 def log_request(fields: dict[str, Any], more: metrics.Gathered | None = None) -> None:
     status = fields.get("status", 500)
     level = logging.ERROR if isinstance(status, int) and status >= 500 else logging.INFO
-    line = json.dumps(request_metrics(fields, more), separators=(",", ":"), default=str)
-    request_lines.write(line, level)
+    request_lines.write(metrics.as_json_line(request_metrics(fields, more)), level)
