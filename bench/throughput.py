@@ -16,6 +16,9 @@ Lambda instance serves one request at a time. Phases, each a fixed time:
   ledger and usage rows in one CTE, prepared protocol) on the same users.
 
 Ours and pgbench alternate in rounds so drift on this noisy machine hits both.
+On distinct users the same workers also run the floor: a Mangum + Starlette
+handler sending the statement on a raw asyncpg connection, nothing of ours,
+to show what ceiling the stack itself leaves on these cores.
 Reach: ours ≥ 0.7 x pgbench on distinct users. Then a scarce wallet: the
 eight workers race for 100 tokens; exactly 100 spends must apply. The hot
 wallet must never overdraw and the ledger audit must stay clean.
@@ -71,7 +74,7 @@ def worker(index: int, commands: Connection, database_url: str) -> None:
 
     from functions import generations
 
-    handler = generations.handler
+    handlers = {"app": generations.handler}
     context = lambda_context()
     events: dict[str, list[dict[str, Any]]] = {}
     rng = random.Random(index)
@@ -79,6 +82,16 @@ def worker(index: int, commands: Connection, database_url: str) -> None:
         command, argument = commands.recv()
         if command == "stop":
             return
+        if command == "floor":  # {device: user id}: the floor handler on a raw connection
+            import asyncio
+
+            import asyncpg
+            from workload import floor_handler
+
+            raw = asyncio.get_event_loop().run_until_complete(asyncpg.connect(database_url))
+            handlers["floor"] = floor_handler(raw, argument)
+            commands.send(len(argument))
+            continue
         if command == "events":  # (name, devices): build them once, outside the timing
             name, devices = argument
             events[name] = [generation_event(device) for device in devices]
@@ -87,14 +100,15 @@ def worker(index: int, commands: Connection, database_url: str) -> None:
         if command == "warm":  # every caller once: identity resolved, statement prepared
             result = PhaseResult()
             for event in events[argument]:
-                status = handler(event, context)["statusCode"]
+                status = handlers["app"](event, context)["statusCode"]
                 if status != 201:
                     result.errors[str(status)] = result.errors.get(str(status), 0) + 1
                 result.ops += 1
             commands.send(asdict(result))
             continue
-        if command == "run":  # (name, seconds, attempts or None)
-            name, seconds, attempts = argument
+        if command == "run":  # (name, seconds, attempts or None, "app" or "floor")
+            name, seconds, attempts, side = argument
+            handler = handlers[side]
             pool = events[name]
             result = PhaseResult()
             cpu = time.process_time()
@@ -134,8 +148,10 @@ class Workers:
             pipe.send((command, argument))
         return [pipe.recv() for pipe in self.pipes]
 
-    def run(self, name: str, seconds: float, attempts: int | None = None) -> list[PhaseResult]:
-        answers = self.send_all("run", [(name, seconds, attempts)] * len(self.pipes))
+    def run(
+        self, name: str, seconds: float, attempts: int | None = None, side: str = "app"
+    ) -> list[PhaseResult]:
+        answers = self.send_all("run", [(name, seconds, attempts, side)] * len(self.pipes))
         return [PhaseResult(**answer) for answer in answers]
 
     def warm(self, name: str) -> list[PhaseResult]:
@@ -183,6 +199,7 @@ class Seeded:
     first: int  # bench_users numbers of the distinct users
     last: int
     devices: list[str]
+    ids: list[Any]
     hot: tuple[int, str, Any]  # number, device, user id
     scarce: tuple[int, str, Any]
 
@@ -200,6 +217,7 @@ async def _seed(url: str) -> Seeded:
         users.first,
         users.last,
         users.identities,
+        users.ids,
         (hot.first, hot.identities[0], hot.ids[0]),
         (scarce.first, scarce.identities[0], scarce.ids[0]),
     )
@@ -251,12 +269,15 @@ def run(database: BenchDatabase, seconds: int, rounds: int, figures: Figures) ->
         workers.send_all("events", [("distinct", share) for share in shares])
         workers.send_all("events", [("hot", [hot_device])] * WORKERS)
         workers.send_all("events", [("scarce", [scarce_device])] * WORKERS)
+        users = dict(zip(seeded.devices, seeded.ids, strict=True))
+        workers.send_all("floor", [{device: users[device] for device in share} for share in shares])
         warm = workers.warm("distinct")
         warm_errors = sum(sum(result.errors.values()) for result in warm)
         print(f"warm-up: {sum(r.ops for r in warm):,} spends, one per user ({warm_errors} errors)")
         hot_before = run_sync(lambda: _wallet(database.url, hot_id))
 
         ours: dict[str, list[list[PhaseResult]]] = {"distinct": [], "hot": []}
+        floor: list[list[PhaseResult]] = []
         pgbench_cpu = {"distinct": 0.0, "hot": 0.0}
         theirs: dict[str, list[PgbenchResult]] = {"distinct": [], "hot": []}
         for round_ in range(rounds):
@@ -265,9 +286,13 @@ def run(database: BenchDatabase, seconds: int, rounds: int, figures: Figures) ->
                 ("hot", (hot_number, hot_number)),
             ):
                 steps = ["ours", "pgbench"] if round_ % 2 == 0 else ["pgbench", "ours"]
+                if phase == "distinct":
+                    steps.insert(1, "floor")
                 for step in steps:
                     if step == "ours":
                         ours[phase].append(workers.run(phase, seconds))
+                    elif step == "floor":
+                        floor.append(workers.run(phase, seconds, side="floor"))
                     else:
                         cpu = children_cpu_s()
                         theirs[phase].append(
@@ -309,6 +334,15 @@ def run(database: BenchDatabase, seconds: int, rounds: int, figures: Figures) ->
         ratio = mine.rate / pg_rate
         if phase == "distinct":
             figures.reach(f"{label}: handlers / pgbench", ratio, TARGET_RATIO, better="higher")
+            # what the same eight processes reach with nothing of ours: the
+            # ceiling Mangum, Starlette and asyncpg leave on these cores
+            bare = total(floor)
+            figures.note(
+                f"{label}: floor (Mangum + Starlette + raw asyncpg, nothing of ours), {WORKERS} workers",
+                f"{bare.rate:,.0f} ops/s = {bare.rate / pg_rate:.2f} x pgbench, "
+                f"client CPU {bare.cpu_s / bare.ops * 1e6:,.0f} µs per operation, "
+                f"errors {sum(bare.errors.values())}",
+            )
         else:
             figures.note(f"{label}: handlers / pgbench", f"{ratio:.2f}")
 

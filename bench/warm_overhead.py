@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import json
 import pstats
 import statistics
 import sys
@@ -46,6 +45,7 @@ from workload import (
     PROMPT,
     Figures,
     call,
+    floor_handler,
     generation_event,
     load_line,
     seed_callers,
@@ -89,33 +89,7 @@ class Bench:
 
     def _floor_handler(self) -> Any:
         """Mangum + Starlette and the raw connection, nothing of ours."""
-        from mangum import Mangum
-        from starlette.applications import Starlette
-        from starlette.requests import Request
-        from starlette.responses import Response
-        from starlette.routing import Route
-
-        users = dict(zip(self.devices, self.ids, strict=True))
-
-        async def create(request: Request) -> Response:
-            body = json.loads(await request.body())
-            row = await self.raw.fetchrow(
-                self.statement,
-                users[request.headers["x-device-id"]],
-                body["prompt"],
-                body["quality"],
-                str(uuid.uuid4()),
-            )
-            assert row is not None and row["outcome"] == "created", row
-            document = {
-                "id": str(row["id"]),
-                "balance": row["balance"],
-                "created_at": row["created_at"].isoformat(),
-            }
-            return Response(json.dumps(document), status_code=201, media_type="application/json")
-
-        app = Starlette(routes=[Route("/api/generations", create, methods=["POST"])])
-        return Mangum(app, lifespan="off")
+        return floor_handler(self.raw, dict(zip(self.devices, self.ids, strict=True)))
 
     def users(self, count: int) -> list[int]:
         picked = [(self.turn + index) % USERS for index in range(count)]

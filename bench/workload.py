@@ -19,7 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 from uuid import UUID
@@ -81,6 +82,41 @@ def generation_event(device: str, prompt: str = PROMPT, quality: str = "standard
         },
         body=body,
     )
+
+
+def floor_handler(connection: asyncpg.Connection, users: Mapping[str, Any]) -> Any:
+    """The floor under the app: a Mangum + Starlette handler with nothing of
+    ours (no middleware, identity, validation, sql() or log line) whose
+    endpoint reads the JSON body, sends CREATE_GENERATION on a raw asyncpg
+    `connection` (made on the loop Mangum runs on) for the device's user in
+    `users` and answers 201 with the same fields."""
+    from mangum import Mangum
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    from repositories.generations import CREATE_GENERATION
+
+    async def create(request: Request) -> Response:
+        body = json.loads(await request.body())
+        row = await connection.fetchrow(
+            CREATE_GENERATION,
+            users[request.headers["x-device-id"]],
+            body["prompt"],
+            body["quality"],
+            str(uuid.uuid4()),
+        )
+        assert row is not None and row["outcome"] == "created", row
+        document = {
+            "id": str(row["id"]),
+            "balance": row["balance"],
+            "created_at": row["created_at"].isoformat(),
+        }
+        return Response(json.dumps(document), status_code=201, media_type="application/json")
+
+    app = Starlette(routes=[Route("/api/generations", create, methods=["POST"])])
+    return Mangum(app, lifespan="off")
 
 
 def get_event(path: str, headers: dict[str, str], query: dict[str, str] | None = None) -> dict[str, Any]:
