@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from starlette.applications import Starlette
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.exceptions import ExceptionMiddleware
@@ -165,7 +164,8 @@ class RequestLog:
 
 
 def _content_length(scope: Scope) -> int | None:
-    values = Headers(scope=scope).getlist("content-length")
+    # ASGI header names are lower-case bytes: read them as they are
+    values = [value.decode("latin-1") for name, value in scope["headers"] if name == b"content-length"]
     if not values:
         return None
     if len(values) > 1 or not values[0].isascii() or not values[0].strip().isdigit():

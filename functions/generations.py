@@ -117,8 +117,7 @@ async def create_generation(request: Request) -> Response:
     generation = created.generation
     if not created.replayed:
         metrics.emit({"TokensSpent": generation.cost})
-    # built from the repository's validated Generation: nothing to check again
-    first_response = NewGeneration.model_construct(
+    first_response = NewGeneration(
         id=generation.id,
         # what the first response said, whatever the worker has done since
         status="pending",
