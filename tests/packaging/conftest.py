@@ -129,17 +129,12 @@ def load_build_script() -> ModuleType:
 
 
 def version_of(python: str) -> str | None:
-    try:
-        completed = subprocess.run(
-            [python, "-I", "-S", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=False,
-        )
-    except OSError:
+    """The interpreter's X.Y, from its bytecode tag (`cpython-312` -> 3.12)."""
+    tag: str | None = load_build_script().cache_tag_of(python)
+    if tag is None or not tag.startswith("cpython-"):
         return None
-    return completed.stdout.strip() if completed.returncode == 0 else None
+    digits = tag.removeprefix("cpython-")
+    return f"{digits[0]}.{digits[1:]}"
 
 
 def machine_path() -> str:
