@@ -648,7 +648,13 @@ def main() -> None:
             " project and library module compiled at import)"
         )
         for name, samples in measured.items():
-            if not name.startswith(("peer", "floor")):
+            if name.endswith("(compiling from source)") and not name.startswith(("peer", "floor")):
+                # no deployed function runs this way (the artifact ships its
+                # bytecode): what shipping it saves, not a figure to meet
+                figures.note(
+                    f"cold start {name} (median of {len(samples)})", f"{statistics.median(samples):.0f} ms"
+                )
+            elif not name.startswith(("peer", "floor")):
                 figures.reach(
                     f"cold start {name} (median of {len(samples)})",
                     statistics.median(samples),

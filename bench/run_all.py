@@ -69,6 +69,22 @@ def run_script(name: str, figures_file: Path, limit_s: float) -> tuple[int | str
     return outcome, lines, time.monotonic() - started
 
 
+SETTLED_LOAD = 1.0
+SETTLE_LIMIT_S = 45.0
+
+
+def settle() -> None:
+    """Let the load the previous script left (throughput's sixteen processes)
+    die down before the next one starts, for at most SETTLE_LIMIT_S: each
+    script still prints the load it ran under."""
+    waited = 0.0
+    while os.getloadavg()[0] > SETTLED_LOAD and waited < SETTLE_LIMIT_S:
+        time.sleep(5)
+        waited += 5
+    if waited:
+        print(f"(waited {waited:.0f} s for the load to settle: {os.getloadavg()[0]:.2f})", flush=True)
+
+
 def machine(lines: list[str]) -> str:
     """The banner's machine line (the line after '== DreamLens bench: ...')."""
     for index, line in enumerate(lines[:-1]):
@@ -129,6 +145,7 @@ def main() -> None:
         started = time.monotonic()
         for name, title, limit in scripts:
             print(f"\n######## bench/{name}.py ########", flush=True)
+            settle()
             outcome, lines, seconds = run_script(name, figures_file, limit)
             where = where or machine(lines)
             results.append((name, title, outcome, seconds, load(lines)))
