@@ -68,8 +68,10 @@ def unit_for(name: str) -> str:
     return "Milliseconds" if name.endswith("Ms") else "Count"
 
 
+@lru_cache(maxsize=1)
 def function_name() -> str:
-    # the deployed function's short name (dreamlens-prod-tokens -> tokens); "local" off Lambda
+    # the deployed function's short name (dreamlens-prod-tokens -> tokens); "local" off Lambda.
+    # Read once: a process is one function, and os.environ is slow to ask on every line.
     full = os.environ.get("AWS_LAMBDA_FUNCTION_NAME", "")
     return full.rsplit("-", 1)[-1] if full else "local"
 

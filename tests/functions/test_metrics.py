@@ -68,7 +68,11 @@ def test_function_dimension_is_the_deployed_functions_short_name(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "dreamlens-prod-generations")
-    document = metrics.document({"Requests": 1})
+    metrics.function_name.cache_clear()  # read once per process: this test is another process
+    try:
+        document = metrics.document({"Requests": 1})
+    finally:
+        metrics.function_name.cache_clear()
     assert document["Function"] == "generations"
     assert_valid_emf(document)
 
