@@ -148,20 +148,24 @@ select id, clerk_id, device_id, email, created_at, linked_to_user_id, false as c
  where device_id = $1
 """
 
-LOCK_SIGNUPS_FROM_IP = """
--- name: lock_signups_from_ip
+# $1 the lock namespace, $2 the signup network
+LOCK_SIGNUPS_FROM_NETWORK = """
+-- name: lock_signups_from_network
 -- transaction-scoped, so it is released at commit and holds behind PgBouncer
--- in transaction mode (a session lock would stay with the server connection)
-select pg_advisory_xact_lock($1, hashtext(host($2::inet)))
+-- in transaction mode (a session lock would stay with the server connection).
+-- Keyed by the network's address: an IPv4 /32 keys as its address did before
+-- networks were counted, so old and new code lock alike during a deploy.
+select pg_advisory_xact_lock($1, hashtext(host($2::cidr)))
 """
 
-# $1 device id, $2 source ip (null: a local call, no limit), $3 signups allowed per hour
+# $1 device id, $2 source ip (null: a local call, no limit), $3 signups
+# allowed per hour, $4 the signup network of $2 (null with it)
 SIGN_UP_DEVICE = """
 -- name: sign_up_device
--- Runs after this IP's advisory lock is taken (a statement of its own, so this
--- statement's snapshot is newer than the lock): the count sees every signup
--- from the IP committed before us, and no other can commit until we do, so
--- the limit is exact however many new devices arrive at once.
+-- Runs after this network's advisory lock is taken (a statement of its own,
+-- so this statement's snapshot is newer than the lock): the count sees every
+-- signup from the network committed before us, and no other can commit until
+-- we do, so the limit is exact however many new devices arrive at once.
 -- Time is statement_timestamp(), not now(): now() is when the transaction
 -- began, before the wait for the lock, and may precede the very signups this
 -- counts (a retry_after longer than the window).
@@ -175,12 +179,17 @@ recent as (
            min(created_at) as oldest
       from usage_logs
      where action = 'signup'
-       and source_ip = $2
+       -- <<= decides; the two bounds around it let the (source_ip, created_at)
+       -- index find the network in a generic plan too (a prepared statement
+       -- reused), as the planner derives such bounds from <<= only for a literal
+       and source_ip >= $4::cidr
+       and source_ip <= set_masklen(broadcast($4::cidr), -1)
+       and source_ip <<= $4::cidr
        and created_at > statement_timestamp() - interval '1 hour'
 ),
 inserted as (
     insert into users (device_id, signup_ip)
-    select $1, $2
+    select $1, $2::inet
       from recent
      where ($2 is null or recent.signups < $3)
        and not exists (select 1 from existing)
@@ -212,9 +221,26 @@ def _active_device(row: Any) -> User:
 def _host(source_ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     # API Gateway samples carry "1.2.3.4/32": keep the address, drop the mask
     try:
-        return ipaddress.ip_interface(source_ip.strip()).ip
+        address = ipaddress.ip_interface(source_ip.strip()).ip
     except ValueError as exc:
         raise InvalidRequest("source ip is not an IP address") from exc
+    # ::ffff:1.2.3.4 is how a dual-stack socket reports an IPv4 client: it is
+    # stored and counted as 1.2.3.4
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+# An IPv6 client is given a whole /64 and its privacy addresses rotate inside
+# it: counted per address, one client could farm welcome bonuses.
+SIGNUP_PREFIX = {4: 32, 6: 64}
+
+
+def _signup_network(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """The network the signup limit counts: the address itself for IPv4, its /64 for IPv6."""
+    return ipaddress.ip_network((address, SIGNUP_PREFIX[address.version]), strict=False)
 
 
 async def get_or_create_device_user(
@@ -223,20 +249,23 @@ async def get_or_create_device_user(
     """The anonymous user of a device, created (with the welcome bonus) on first sight.
 
     A known device costs one round trip. A new one is created only while its
-    source IP has made fewer than `signups_per_ip_per_hour` signups in the last
-    hour (RateLimited otherwise); `source_ip` None (a local call) has no limit.
+    source's signup network (an IPv4 address, IPv4-mapped ones included, or an
+    IPv6 address's /64) has made fewer than `signups_per_ip_per_hour` signups
+    in the last hour (RateLimited otherwise); `source_ip` None (a local call)
+    has no limit. The signup row and the user keep the exact address.
     Raises DeviceLinked for a device that was linked into a Clerk account.
     """
     row = await db.fetchrow(GET_DEVICE_USER, device_id)
     if row is not None:
         return _active_device(row)
     host = _host(source_ip) if source_ip is not None else None
+    network = _signup_network(host) if host is not None else None
 
     async def sign_up(tx: Executor) -> Any:
-        if host is not None:
-            await tx.execute(LOCK_SIGNUPS_FROM_IP, SIGNUP_LOCK_NAMESPACE, host)
+        if network is not None:
+            await tx.execute(LOCK_SIGNUPS_FROM_NETWORK, SIGNUP_LOCK_NAMESPACE, network)
         for _ in range(2):
-            result = await tx.fetchrow(SIGN_UP_DEVICE, device_id, host, signups_per_ip_per_hour)
+            result = await tx.fetchrow(SIGN_UP_DEVICE, device_id, host, signups_per_ip_per_hour, network)
             if result is not None and (result["id"] is not None or result["refused"]):
                 return result
             # allowed, yet no row: a concurrent insert of this device (from

@@ -5,15 +5,18 @@ The flood runs as concurrent Lambda invocations (the handlers' Mangum event
 translation awaited together on one loop, on a pool wide enough for all),
 from one API Gateway source address: exactly ANON_SIGNUPS_PER_IP_PER_HOUR
 devices are created, every other one is a 429 with Retry-After and writes
-nothing. Linking ten devices into one account, one by one and all at once,
-moves the welcome bonus of the first device only: the account ends with its
-own 10 + 5, and every later device keeps its 5 behind (anything it holds
-beyond its bonus moves).
+nothing. An IPv6 client that rotates its address through its /64 (every
+device from a new privacy address) is held to the same limit, and leaves the
+next /64 its own. Linking ten devices into one account, one by one and all
+at once, moves the welcome bonus of the first device only: the account ends
+with its own 10 + 5, and every later device keeps its 5 behind (anything it
+holds beyond its bonus moves).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -88,6 +91,50 @@ async def test_a_concurrent_flood_of_new_devices_from_one_address_is_limited(
     assert sorted(r.body["device_id"] for r in again if r.status == 200) == sorted(created)
     assert sum(r.status == 429 for r in again) == FLOOD - len(created)
     assert await admin.fetchval("select count(*) from users") == len(created)
+
+
+async def test_a_concurrent_flood_rotating_through_one_ipv6_64_is_limited(
+    wide_pool: None, admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ANON_SIGNUPS_PER_IP_PER_HOUR", raising=False)
+    settings.reset()
+    limit = settings.DEFAULT_ANON_SIGNUPS_PER_IP_PER_HOUR
+    # one client's /64; every device from a new privacy address inside it
+    client = ipaddress.IPv6Network("2001:db8:4a11:7::/64")
+    addresses = {f"device_rotate_{n:04d}": str(client[(n + 1) * 0x0123_4567_89AB]) for n in range(FLOOD)}
+
+    async def first_sight(device: str, version: str) -> Any:
+        return await call_at_once(
+            "user",
+            "GET",
+            "/api/user",
+            version=version,
+            headers={"X-Device-Id": device},
+            source_ip=addresses[device],
+        )
+
+    responses = await asyncio.gather(
+        *(first_sight(device, "v1" if n % 2 else "v2") for n, device in enumerate(addresses))
+    )
+    assert sorted(response.status for response in responses) == [200] * limit + [429] * (FLOOD - limit)
+    created = {response.body["device_id"] for response in responses if response.status == 200}
+    rows = await admin.fetch("select device_id, host(signup_ip) as ip from users")
+    # each user keeps the exact address it came from, not the network
+    assert {row["device_id"]: row["ip"] for row in rows} == {device: addresses[device] for device in created}
+    signups = await admin.fetchval("select count(*) from usage_logs where action = 'signup'")
+    assert signups == len(created)
+    bonuses = await admin.fetchval("select coalesce(sum(amount), 0) from token_transactions")
+    assert bonuses == 5 * len(created)
+
+    # the next /64 of the same /48 is another client
+    neighbour = await call_at_once(
+        "user",
+        "GET",
+        "/api/user",
+        headers={"X-Device-Id": "device_neighbour_01"},
+        source_ip="2001:db8:4a11:8::1",
+    )
+    assert (neighbour.status, neighbour.body["balance"]) == (200, 5)
 
 
 async def test_one_new_device_seen_many_times_at_once_is_one_user_and_one_signup(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import uuid
 from collections.abc import AsyncIterator
 from uuid import UUID
@@ -247,6 +248,108 @@ async def test_ip_with_a_mask_counts_as_the_address(admin: asyncpg.Connection) -
     with pytest.raises(RateLimited):
         await users.get_or_create_device_user("device-mask-0002", "192.0.2.9", 1)
     assert await signups(admin, "192.0.2.9") == 1
+
+
+async def signup_addresses(admin: asyncpg.Connection) -> dict[str, str]:
+    """Each signup's device and the address stored for it, in the log and on the user."""
+    rows = await admin.fetch(
+        "select u.device_id, host(l.source_ip) as logged, host(u.signup_ip) as signed_up"
+        "  from usage_logs l join users u on u.id = l.user_id where l.action = 'signup'"
+    )
+    assert all(row["logged"] == row["signed_up"] for row in rows)
+    return {row["device_id"]: row["logged"] for row in rows}
+
+
+async def test_addresses_in_one_ipv6_64_share_the_limit(admin: asyncpg.Connection) -> None:
+    """An IPv6 client holds a /64 and rotates its address inside it."""
+    for n, ip in enumerate(("2001:db8:1:2::1", "2001:db8:1:2:ffff:ffff:ffff:ffff")):
+        assert (await users.get_or_create_device_user(f"device-v6-{n:04}", ip, 2)).created
+    with pytest.raises(RateLimited):
+        await users.get_or_create_device_user("device-v6-0002", "2001:db8:1:2:a:b:c:d", 2)
+    assert await admin.fetchval("select count(*) from users") == 2
+    # operators see the exact addresses, not the network
+    assert await signup_addresses(admin) == {
+        "device-v6-0000": "2001:db8:1:2::1",
+        "device-v6-0001": "2001:db8:1:2:ffff:ffff:ffff:ffff",
+    }
+
+
+async def test_addresses_in_neighbouring_ipv6_64s_do_not_share_the_limit(admin: asyncpg.Connection) -> None:
+    assert (await users.get_or_create_device_user("device-v6-a-0001", "2001:db8:1:2::1", 1)).created
+    assert (await users.get_or_create_device_user("device-v6-b-0001", "2001:db8:1:3::1", 1)).created
+    assert (await users.get_or_create_device_user("device-v6-c-0001", "2001:db8:1:1:ffff::1", 1)).created
+    with pytest.raises(RateLimited):
+        await users.get_or_create_device_user("device-v6-a-0002", "2001:db8:1:2::2", 1)
+    assert await admin.fetchval("select count(*) from users") == 3
+
+
+async def test_ipv4_counts_each_address_alone(admin: asyncpg.Connection) -> None:
+    assert (await users.get_or_create_device_user("device-v4-a-0001", "192.0.2.1", 1)).created
+    assert (await users.get_or_create_device_user("device-v4-b-0001", "192.0.2.2", 1)).created
+    with pytest.raises(RateLimited):
+        await users.get_or_create_device_user("device-v4-a-0002", "192.0.2.1", 1)
+    assert await signup_addresses(admin) == {"device-v4-a-0001": "192.0.2.1", "device-v4-b-0001": "192.0.2.2"}
+
+
+async def test_ipv4_mapped_into_ipv6_counts_as_the_ipv4_address(admin: asyncpg.Connection) -> None:
+    """A dual-stack socket reports an IPv4 client as ::ffff:a.b.c.d: it is
+    that IPv4 address, not an IPv6 /64 (::/64 would hold every mapped client)."""
+    assert (await users.get_or_create_device_user("device-mapped-01", "::ffff:192.0.2.20", 1)).created
+    with pytest.raises(RateLimited):
+        await users.get_or_create_device_user("device-mapped-02", "192.0.2.20", 1)
+    # another IPv4 address, mapped, has its own limit
+    assert (await users.get_or_create_device_user("device-mapped-03", "::ffff:192.0.2.21", 1)).created
+    assert await signup_addresses(admin) == {
+        "device-mapped-01": "192.0.2.20",
+        "device-mapped-03": "192.0.2.21",
+    }
+    assert await admin.fetchval("select count(*) from usage_logs where family(source_ip) = 4") == 2
+
+
+async def test_a_signup_waits_for_one_from_another_address_of_its_64(admin: asyncpg.Connection) -> None:
+    """The advisory lock is the network's: a signup from the same /64 waits
+    for an open one to commit, then counts it (limit 1: refused)."""
+    async with wide_pool(2):
+        async with transaction() as tx:
+            first = await users.get_or_create_device_user("device-lock-0001", "2001:db8:9:1::1", 1, db=tx)
+            assert first.created
+            second = asyncio.create_task(
+                users.get_or_create_device_user("device-lock-0002", "2001:db8:9:1::2", 1)
+            )
+            while not await admin.fetchval(
+                "select exists (select 1 from pg_locks where locktype = 'advisory' and not granted)"
+            ):
+                assert not second.done(), "the second signup did not wait for the first's lock"
+                await asyncio.sleep(0.01)
+        with pytest.raises(RateLimited):
+            await second
+    assert await admin.fetchval("select count(*) from users") == 1
+
+
+async def test_forty_concurrent_new_devices_rotating_through_one_64_make_exactly_the_limit(
+    admin: asyncpg.Connection, many_connections: None
+) -> None:
+    # privacy addresses: scattered through the /64
+    client = ipaddress.IPv6Network("2001:db8:77:1::/64")
+    addresses = {f"device-rotate-{n:04}": str(client[n * 0x9E37_79B9_7F4A + 1]) for n in range(40)}
+    results = await asyncio.gather(
+        *(users.get_or_create_device_user(device, ip, LIMIT) for device, ip in addresses.items()),
+        return_exceptions=True,
+    )
+    made = [r for r in results if isinstance(r, users.User)]
+    refused = [r for r in results if isinstance(r, RateLimited)]
+    assert (len(made), len(refused)) == (LIMIT, 40 - LIMIT)
+    assert await admin.fetchval("select count(*) from users") == LIMIT
+    # each user's signup row holds the exact address it came from
+    assert await signup_addresses(admin) == {user.device_id: addresses[user.device_id or ""] for user in made}
+    # one welcome bonus per user created, and nothing else in the ledger
+    bonuses = await admin.fetch("select user_id, amount, idempotency_key from token_transactions")
+    assert sorted((row["user_id"], row["amount"], row["idempotency_key"]) for row in bonuses) == sorted(
+        (user.id, 5, "welcome_bonus") for user in made
+    )
+    # another /64 of the same /48 is not held back
+    assert (await users.get_or_create_device_user("device-rotate-next", "2001:db8:77:2::1", LIMIT)).created
+    assert await db.audit_problems(admin) == []
 
 
 async def test_device_signup_in_a_callers_transaction(admin: asyncpg.Connection) -> None:
