@@ -29,12 +29,13 @@ from typing import Any, Literal
 from uuid import UUID
 
 from mangum import Mangum
-from pydantic import BaseModel, Field, field_validator
+from pydantic import Field, field_validator
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from database import ConfigurationError, Conflict, InsufficientTokens, RateLimited
+from database.model import Model
 from functions import metrics, settings
 from functions.app import build_app
 from functions.http import (
@@ -67,7 +68,7 @@ class CreateGeneration(RequestModel):
         return prompt
 
 
-class NewGeneration(BaseModel):
+class NewGeneration(Model):
     id: UUID
     status: Literal["pending"]
     cost: int
@@ -77,12 +78,12 @@ class NewGeneration(BaseModel):
     created_at: datetime
 
 
-class GenerationPage(BaseModel):
+class GenerationPage(Model):
     items: list[Generation]
     next_before: UUID | None
 
 
-class Download(BaseModel):
+class Download(Model):
     url: str
     expires_in: int  # seconds the URL stays valid
 

@@ -13,12 +13,12 @@ import logging
 from typing import Literal
 
 from mangum import Mangum
-from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from database import DatabaseUnavailable, sql
+from database.model import Model
 from functions.app import build_app
 from functions.errors import error_response
 from functions.http import json_response
@@ -27,7 +27,7 @@ from functions.openapi import endpoint
 log = logging.getLogger("dreamlens.health")
 
 
-class Health(BaseModel):
+class Health(Model):
     status: Literal["ok", "degraded"]
     database: Literal["ok", "unavailable"]
 

@@ -23,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from database import InvalidRequest
+from database.model import Model
 from functions.errors import MalformedRequest
 
 M = TypeVar("M", bound=BaseModel)
@@ -70,7 +71,7 @@ def refuse_nul(raw: bytes, document: dict[str, Any]) -> None:
         )
 
 
-class RequestModel(BaseModel):
+class RequestModel(Model):
     """Base of every request body: strict about what it accepts (read_json
     also refuses NUL characters, before the model sees the body)."""
 

@@ -11,19 +11,19 @@ from __future__ import annotations
 import hmac
 
 from mangum import Mangum
-from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from database import Forbidden, NotFound, init_database, run_with_retries
+from database.model import Model
 from functions import settings
 from functions.app import build_app
 from functions.http import json_response
 from functions.openapi import endpoint
 
 
-class InitResult(BaseModel):
+class InitResult(Model):
     initialized: bool
     applied: list[str]
 

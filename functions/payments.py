@@ -27,12 +27,13 @@ from typing import Literal
 from uuid import UUID, uuid4
 
 from mangum import Mangum
-from pydantic import BaseModel, Field
+from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from database import InvalidRequest, ProviderUnavailable
+from database.model import Model
 from functions.app import build_app
 from functions.http import RequestModel, idempotency_key, json_response, read_json
 from functions.identity import current_user
@@ -45,7 +46,7 @@ log = logging.getLogger("dreamlens.payments")
 MINOR_UNITS = "Price in minor units of `currency` (kopecks for RUB): 9900 is 99.00 RUB"
 
 
-class PackageItem(BaseModel):
+class PackageItem(Model):
     id: str
     kind: Literal["tokens", "plan"]
     tokens: int = Field(description="Tokens credited when the payment succeeds")
@@ -56,7 +57,7 @@ class PackageItem(BaseModel):
     description: str
 
 
-class PackageList(BaseModel):
+class PackageList(Model):
     items: list[PackageItem]
 
 
@@ -70,7 +71,7 @@ class CreatePayment(RequestModel):
     )
 
 
-class PaymentCreated(BaseModel):
+class PaymentCreated(Model):
     id: UUID
     status: Literal["pending"]
     confirmation_url: str | None = Field(
@@ -81,7 +82,7 @@ class PaymentCreated(BaseModel):
     package_id: str
 
 
-class PaymentView(BaseModel):
+class PaymentView(Model):
     id: UUID
     package_id: str
     status: Literal["pending", "waiting_for_capture", "succeeded", "canceled", "refunded"]

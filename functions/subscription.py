@@ -10,11 +10,11 @@ from __future__ import annotations
 from datetime import datetime
 
 from mangum import Mangum
-from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from database.model import Model
 from functions.app import build_app
 from functions.http import json_response, no_query_params
 from functions.identity import current_user
@@ -22,7 +22,7 @@ from functions.openapi import endpoint
 from repositories import subscriptions
 
 
-class SubscriptionStatus(BaseModel):
+class SubscriptionStatus(Model):
     plan: str
     status: str  # "active", or "none" on the free plan
     current_period_end: datetime | None

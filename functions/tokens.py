@@ -12,11 +12,11 @@ from __future__ import annotations
 from datetime import datetime
 
 from mangum import Mangum
-from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from database.model import Model
 from functions.app import build_app
 from functions.http import json_response, no_query_params, page_params
 from functions.identity import current_user
@@ -24,14 +24,14 @@ from functions.openapi import endpoint
 from repositories import tokens
 
 
-class TokenBalance(BaseModel):
+class TokenBalance(Model):
     balance: int
     total_earned: int
     total_spent: int
     updated_at: datetime
 
 
-class Transaction(BaseModel):
+class Transaction(Model):
     id: int
     amount: int  # signed: credits positive, debits negative
     balance_after: int
@@ -41,7 +41,7 @@ class Transaction(BaseModel):
     created_at: datetime
 
 
-class TransactionPage(BaseModel):
+class TransactionPage(Model):
     items: list[Transaction]
     next_before: int | None
 

@@ -18,11 +18,12 @@ from datetime import datetime
 from uuid import UUID
 
 from mangum import Mangum
-from pydantic import BaseModel, Field
+from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from database.model import Model
 from functions.app import build_app
 from functions.http import RequestModel, json_response, no_query_params, read_json
 from functions.identity import DEVICE_ID, current_user, forget_identity, require_clerk_user
@@ -31,7 +32,7 @@ from repositories import users
 from repositories.users import BalanceAndPlan, User
 
 
-class UserAccount(BaseModel):
+class UserAccount(Model):
     id: UUID
     clerk_id: str | None
     device_id: str | None
@@ -46,7 +47,7 @@ class LinkDevice(RequestModel):
     device_id: str = Field(pattern=f"^{DEVICE_ID.pattern}$", description="The anonymous device's X-Device-Id")
 
 
-class LinkedDevice(BaseModel):
+class LinkedDevice(Model):
     user: UserAccount
     moved_tokens: int
 

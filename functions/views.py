@@ -12,12 +12,11 @@ from datetime import datetime
 from typing import Literal
 from uuid import UUID
 
-from pydantic import BaseModel
-
+from database.model import Model
 from repositories import generations
 
 
-class Generation(BaseModel):
+class Generation(Model):
     id: UUID
     status: Literal["pending", "processing", "succeeded", "failed"]
     prompt: str

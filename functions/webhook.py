@@ -29,12 +29,13 @@ import logging
 from typing import Any, Literal
 
 from mangum import Mangum
-from pydantic import BaseModel, Field
+from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from database import Forbidden, InvalidRequest, ProviderUnavailable, Unavailable
+from database.model import Model
 from functions import metrics, payment_sync
 from functions.app import build_app
 from functions.errors import MalformedRequest
@@ -56,7 +57,7 @@ log = logging.getLogger("dreamlens.webhook")
 Outcome = Literal["credited", "applied", "unchanged", "ignored", "unknown_payment"]
 
 
-class YooKassaNotification(BaseModel):
+class YooKassaNotification(Model):
     """What YooKassa posts (documented here; the handler parses the raw body)."""
 
     type: Literal["notification"]
@@ -67,7 +68,7 @@ class YooKassaNotification(BaseModel):
     )
 
 
-class WebhookAck(BaseModel):
+class WebhookAck(Model):
     outcome: Outcome
 
 

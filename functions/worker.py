@@ -24,12 +24,13 @@ from typing import Literal, Self
 from uuid import UUID
 
 from mangum import Mangum
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from database import Forbidden
+from database.model import Model
 from functions import settings
 from functions.app import build_app
 from functions.http import RequestModel, json_response, no_query_params, read_json
@@ -56,7 +57,7 @@ class Claim(RequestModel):
     lease_seconds: int = Field(default=300, ge=10, le=3600, strict=True)
 
 
-class ClaimedGeneration(BaseModel):
+class ClaimedGeneration(Model):
     id: UUID
     prompt: str
     quality: str
@@ -64,7 +65,7 @@ class ClaimedGeneration(BaseModel):
     lease_expires_at: datetime  # report the result before then, or it returns to the queue
 
 
-class ClaimedPage(BaseModel):
+class ClaimedPage(Model):
     items: list[ClaimedGeneration]
 
 

@@ -48,9 +48,9 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel
 
 from database import ConfigurationError, InvalidRequest, ProviderUnavailable
+from database.model import Model
 from functions import settings
 from repositories.payments import Payment
 
@@ -137,7 +137,7 @@ def parse_amount(amount: object) -> tuple[int, str]:
 # ------------------------------------------------------------ notifications
 
 
-class Notification(BaseModel):
+class Notification(Model):
     type: str
     event: str
     # the notification's object: the payment, the refund, a deal, a payout...
@@ -262,7 +262,7 @@ def _as_networks(networks: Iterable[Network | str]) -> tuple[Network, ...]:
 # ------------------------------------------------------------------ client
 
 
-class ProviderPayment(BaseModel):
+class ProviderPayment(Model):
     id: str
     status: str
     amount: int  # minor units
@@ -272,7 +272,7 @@ class ProviderPayment(BaseModel):
     confirmation_url: str | None
 
 
-class ProviderRefund(BaseModel):
+class ProviderRefund(Model):
     id: str
     payment_id: str
     status: str

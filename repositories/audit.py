@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from uuid import UUID
 
-from pydantic import BaseModel
-
 from database import Executor, sql
+from database.model import Model
 
 
-class Violation(BaseModel):
+class Violation(Model):
     user_id: UUID
     problem: str
     detail: str

@@ -14,8 +14,6 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel
-
 from database import (
     Conflict,
     DeviceLinked,
@@ -27,6 +25,7 @@ from database import (
     invalidate_balance,
     sql,
 )
+from database.model import Model
 
 GENERATIONS_IDEMPOTENCY_KEY = "generations_idempotency_key"
 # outcomes of create_generation that spend nothing because of the wallet
@@ -35,7 +34,7 @@ MAX_PAGE_SIZE = 100
 RESULT_STATUSES = frozenset({"succeeded", "failed"})
 
 
-class Generation(BaseModel):
+class Generation(Model):
     id: UUID
     user_id: UUID
     prompt: str
@@ -50,18 +49,18 @@ class Generation(BaseModel):
     finished_at: datetime | None
 
 
-class CreatedGeneration(BaseModel):
+class CreatedGeneration(Model):
     generation: Generation
     balance: int
     replayed: bool
 
 
-class GenerationPage(BaseModel):
+class GenerationPage(Model):
     items: list[Generation]
     next_before: UUID | None
 
 
-class ClaimedGeneration(BaseModel):
+class ClaimedGeneration(Model):
     id: UUID
     prompt: str
     quality: str
@@ -69,7 +68,7 @@ class ClaimedGeneration(BaseModel):
     lease_expires_at: datetime
 
 
-class ReapResult(BaseModel):
+class ReapResult(Model):
     returned: int
     failed: int
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
-
 from database import Executor, NotFound, sql
+from database.model import Model
 
 
-class Package(BaseModel):
+class Package(Model):
     id: str
     kind: Literal["tokens", "plan"]
     tokens: int

@@ -22,9 +22,8 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel
-
 from database import Conflict, Executor, InvalidRequest, NotFound, invalidate_balance, sql
+from database.model import Model
 
 PROVIDER_STATUSES = ("pending", "waiting_for_capture", "succeeded", "canceled")
 
@@ -43,7 +42,7 @@ DUPLICATE_GUARDS = ("token_transactions_idempotency_key", "payment_refunds_pkey"
 MAX_OPEN_PAYMENTS = 1000
 
 
-class Payment(BaseModel):
+class Payment(Model):
     id: UUID
     user_id: UUID
     package_id: str
@@ -61,7 +60,7 @@ class Payment(BaseModel):
     paid_at: datetime | None
 
 
-class ApplyResult(BaseModel):
+class ApplyResult(Model):
     payment: Payment | None
     changed: bool
     # the signed amount of the wallet change: tokens credited by a success,

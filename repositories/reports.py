@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel
-
 from database import Executor, sql
+from database.model import Model
 
 
-class OperatorStats(BaseModel):
+class OperatorStats(Model):
     users: int
     clerk_users: int
     device_users: int

@@ -12,18 +12,17 @@ from __future__ import annotations
 from datetime import datetime
 from uuid import UUID
 
-from pydantic import BaseModel
-
 from database import Executor, InvalidRequest, NotFound, sql
+from database.model import Model
 
 
-class Plan(BaseModel):
+class Plan(Model):
     id: str
     name: str
     daily_generation_limit: int
 
 
-class Subscription(BaseModel):
+class Subscription(Model):
     plan: str
     status: str  # "active", or "none" on the free plan
     current_period_end: datetime | None

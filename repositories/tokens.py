@@ -12,8 +12,6 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel
-
 from database import (
     Conflict,
     Executor,
@@ -26,6 +24,7 @@ from database import (
     remember_balance,
     sql,
 )
+from database.model import Model
 
 IDEMPOTENCY_CONSTRAINT = "token_transactions_idempotency_key"
 
@@ -36,14 +35,14 @@ DEBIT_TYPES = frozenset({"spend", "reversal", "transfer_out", "adjustment"})
 MAX_PAGE_SIZE = 100
 
 
-class Balance(BaseModel):
+class Balance(Model):
     balance: int
     total_earned: int
     total_spent: int
     updated_at: datetime
 
 
-class LedgerEntry(BaseModel):
+class LedgerEntry(Model):
     id: int
     amount: int
     balance_after: int
@@ -53,12 +52,12 @@ class LedgerEntry(BaseModel):
     created_at: datetime
 
 
-class LedgerPage(BaseModel):
+class LedgerPage(Model):
     items: list[LedgerEntry]
     next_before: int | None
 
 
-class LedgerResult(BaseModel):
+class LedgerResult(Model):
     entry: LedgerEntry
     duplicate: bool
 

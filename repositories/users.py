@@ -9,8 +9,6 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from pydantic import BaseModel
-
 from database import (
     Conflict,
     DeviceLinked,
@@ -23,6 +21,7 @@ from database import (
     run_in_transaction,
     sql,
 )
+from database.model import Model
 
 # pg_advisory_xact_lock(namespace, key): the two-int form is a key space of its
 # own, apart from the schema lock's single bigint; "SIGN"
@@ -33,7 +32,7 @@ SIGNUP_LOCK_NAMESPACE = 0x5349474E
 DEVICE_BONUS_KEPT = 5
 
 
-class User(BaseModel):
+class User(Model):
     id: UUID
     clerk_id: str | None
     device_id: str | None
@@ -43,7 +42,7 @@ class User(BaseModel):
     created: bool = False
 
 
-class LinkResult(BaseModel):
+class LinkResult(Model):
     user: User
     moved_tokens: int
 
@@ -75,7 +74,7 @@ async def get_user(user_id: UUID, db: Executor = sql) -> User:
     return _user(row)
 
 
-class BalanceAndPlan(BaseModel):
+class BalanceAndPlan(Model):
     balance: int
     plan: str
 
