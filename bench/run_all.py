@@ -8,7 +8,7 @@ comes, with a time limit; the figures each one records
 (workload.Figures, through $BENCH_FIGURES_FILE) are gathered and printed at
 the end as one markdown block: date, machine, and per script a table of
 figure, value, reach and MET / NOT MET. A script that fails is reported in
-the block and the rest still run. About five minutes on 2 cores.
+the block and the rest still run. About seven minutes on 2 cores.
 """
 
 from __future__ import annotations
