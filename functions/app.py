@@ -234,8 +234,8 @@ def build_app(routes: Sequence[BaseRoute]) -> Starlette:
         middleware=[Middleware(RequestLog), Middleware(BodyLimit)],
         exception_handlers=EXCEPTION_HANDLERS,
     )
-    # Everything imported so far (modules, pydantic's validators, the app)
-    # lives as long as the process: the collector stops re-scanning it. Its
+    # Everything imported so far (modules, model classes, the app) lives as
+    # long as the process: the collector stops re-scanning it. Its
     # full collections otherwise walk every one of those objects again, a
     # cost each warm request shares (about 25 µs measured, bench/warm_overhead.py).
     gc.freeze()
