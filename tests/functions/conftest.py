@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from functions import identity, settings
 from tests.functions import lambda_events
 
 # Mangum() takes the thread's event loop when it is constructed (at the import
@@ -29,14 +28,5 @@ def close_import_loop() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 async def lambda_runtime() -> AsyncIterator[lambda_events.LambdaRuntime]:
-    settings.reset()
-    identity.forget_all()
-    runtime = lambda_events.LambdaRuntime()
-    lambda_events.use_runtime(runtime)
-    try:
+    async with lambda_events.warm_runtime() as runtime:
         yield runtime
-    finally:
-        lambda_events.use_runtime(None)
-        await runtime.close()
-        settings.reset()
-        identity.forget_all()

@@ -21,8 +21,9 @@ import base64
 import copy
 import json
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -243,6 +244,25 @@ _runtime: LambdaRuntime | None = None
 def use_runtime(runtime: LambdaRuntime | None) -> None:
     global _runtime
     _runtime = runtime
+
+
+@asynccontextmanager
+async def warm_runtime() -> AsyncIterator[LambdaRuntime]:
+    """A warm Lambda container for one test: fresh settings and identity
+    cache, invoke() running on it, closed and forgotten afterwards."""
+    from functions import identity, settings
+
+    settings.reset()
+    identity.forget_all()
+    runtime = LambdaRuntime()
+    use_runtime(runtime)
+    try:
+        yield runtime
+    finally:
+        use_runtime(None)
+        await runtime.close()
+        settings.reset()
+        identity.forget_all()
 
 
 async def invoke(handler: Any, event: dict[str, Any], context: Any = None) -> Invocation:

@@ -33,7 +33,6 @@ atexit.register(_import_loop.close)
 
 from functions import (  # noqa: E402 (after the loop above, on purpose)
     generations,
-    identity,
     init_db,
     local,
     payments,
@@ -82,17 +81,8 @@ def build_local_app() -> Any:
 @pytest.fixture(autouse=True)
 async def abuse_runtime() -> AsyncIterator[lambda_events.LambdaRuntime]:
     """A warm Lambda container per test, with fresh settings and identity cache."""
-    settings.reset()
-    identity.forget_all()
-    runtime = lambda_events.LambdaRuntime()
-    lambda_events.use_runtime(runtime)
-    try:
+    async with lambda_events.warm_runtime() as runtime:
         yield runtime
-    finally:
-        lambda_events.use_runtime(None)
-        await runtime.close()
-        settings.reset()
-        identity.forget_all()
 
 
 async def call(

@@ -18,7 +18,7 @@ import pytest
 
 from database import DatabaseUnavailable, Transaction, config, pool, sql, stats, time_budget
 from database.executor import run_in_transaction
-from functions import identity, settings, tokens
+from functions import identity, tokens
 from tests.functions import lambda_events
 from tests.functions.lambda_events import EVENT_BUILDERS, Invocation, LambdaContext, LambdaRuntime, invoke
 from tests.reliability.proxy import faulty_proxy
@@ -35,17 +35,8 @@ class ShortOfTime(LambdaContext):
 
 @pytest.fixture
 async def lambda_runtime() -> AsyncIterator[LambdaRuntime]:
-    settings.reset()
-    identity.forget_all()
-    runtime = LambdaRuntime()
-    lambda_events.use_runtime(runtime)
-    try:
+    async with lambda_events.warm_runtime() as runtime:
         yield runtime
-    finally:
-        lambda_events.use_runtime(None)
-        await runtime.close()
-        settings.reset()
-        identity.forget_all()
 
 
 async def balance_of(device: str, context: LambdaContext | None = None) -> tuple[Invocation, float]:
