@@ -25,11 +25,11 @@ The zip holds, at its root:
   changes in place on Lambda). Only the normal optimization level: the
   runtime does not run with -O.
 
-The interpreter is found without downloading anything: `uv python find`,
-then `pythonX.Y` on PATH, then pyenv's versions. When there is none the zip
-is still built, without bytecode, with a loud warning; `--require-bytecode`
-(what .ci/package.sh passes) makes that an error. `uv python install 3.12`
-provides one.
+The interpreter is looked for with `uv python find`, then `pythonX.Y` on
+PATH, then pyenv's versions. When there is none the zip is still built,
+without bytecode, with a loud warning; with `--require-bytecode` (what
+.ci/package.sh passes: a bare CI machine) the build first runs
+`uv python install X.Y`, and fails if that cannot provide one.
 
 Nothing of tests/, bench/, the dev dependency group (embedded PostgreSQL,
 pytest, moto, uvicorn, ...) nor bytecode of any other interpreter goes in.
@@ -342,6 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     python = runtime_python(args.python_version)
+    if python is None and args.require_bytecode:
+        # a bare CI machine: uv can fetch a CPython of the runtime's version
+        wanted = args.python_version
+        sys.stderr.write(f"no CPython {wanted} here: `uv python install {wanted}`\n")
+        subprocess.run(["uv", "python", "install", wanted], check=False)
+        python = runtime_python(wanted)
     if python is None:
         if args.require_bytecode:
             sys.stderr.write(

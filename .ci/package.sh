@@ -25,9 +25,10 @@ started=$(date +%s)
 export SLS_TELEMETRY_DISABLED=1 SLS_NOTIFICATIONS_MODE=off SLS_INTERACTIVE_SETUP_DISABLE=1
 
 echo "--- building the Lambda artifact"
-# CI machines have a CPython of the runtime's version (`uv python install 3.12`
-# provides one): an artifact without bytecode would compile every module at
-# every cold start, so CI refuses to build one
+# the artifact's bytecode needs a CPython of the runtime's version (the build
+# runs `uv python install` for one when the machine has none): an artifact
+# without bytecode would compile every module at every cold start, so CI
+# refuses to build one
 uv run --quiet python .ci/build_lambda.py --require-bytecode
 
 echo "--- serverless package --stage $STAGE"
