@@ -60,12 +60,32 @@ async def test_yookassa_down_slow_and_flaky_under_load_credits_each_payment_once
         )
         payment_id = uuid.UUID(created.json()["id"])
         provider_id = created.json()["confirmation_url"].rsplit("/", 1)[1]
+        # a second payer's payment, created before the outage too
+        payer = traffic.users[1]
+        held = await payer.client.call(
+            "POST /api/payments",
+            "POST",
+            "/api/payments",
+            headers=payer.headers(f"buy-{uuid.uuid4()}"),
+            json={"package_id": "tokens_50"},
+            expect=(201,),
+        )
+        held_id = uuid.UUID(held.json()["id"])
+        held_provider_id = held.json()["confirmation_url"].rsplit("/", 1)[1]
 
         # the payer pays just as YooKassa's API goes down: the notification
         # arrives, but the payment cannot be verified
         fake.go_down()
         notification = await fake.succeed(provider_id)
+        held_notification = await fake.succeed(held_provider_id)
         again = await user.client.once("POST /api/payments/webhook", "POST", WEBHOOK, json=notification)
+        # whatever the rest of the traffic happens to be doing: the second
+        # payment's notification is delivered until it is heard (503s through
+        # the outage), and a third user buys while YooKassa is down
+        through_the_outage = [
+            asyncio.create_task(redeliver(payer.client, traffic.books, held_id, held_notification)),
+            asyncio.create_task(traffic.users[2].buy("tokens_50")),
+        ]
         probe.update(
             first=[d.status_code for d in fake.deliveries if d.notification == notification],
             again=again.status_code if again is not None else None,
@@ -84,6 +104,8 @@ async def test_yookassa_down_slow_and_flaky_under_load_credits_each_payment_once
         # YooKassa delivers the probe's notification again
         await redeliver(user.client, traffic.books, payment_id, notification)
         traffic.books.credits[payment_id] = (user.handle, 50)
+        await asyncio.gather(*through_the_outage)
+        traffic.books.credits[held_id] = (payer.handle, 50)
 
     await traffic.run(provider_faults)
     print(traffic.record.summary("yookassa down, slow, flaky"))  # noqa: T201 - pytest -s shows it
@@ -95,8 +117,10 @@ async def test_yookassa_down_slow_and_flaky_under_load_credits_each_payment_once
     assert probe["first"] == [503]
     assert probe["again"] == 503
     assert (probe["status"], probe["credits"]) == ("pending", 0)
-    assert traffic.record.statuses("POST /api/payments/webhook")[503] > 1
-    assert traffic.record.statuses("POST /api/payments")[503] > 0
+    # the probe's delivery and the held payment's first, at least
+    assert traffic.record.statuses("POST /api/payments/webhook")[503] >= 2
+    # the third user's purchase, at least
+    assert traffic.record.statuses("POST /api/payments")[503] >= 1
     # one provider payment per payment, however often its creation was repeated
     attached = await admin.fetch("select provider_payment_id from payments")
     assert sorted(row["provider_payment_id"] for row in attached) == sorted(fake.payments)
