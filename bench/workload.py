@@ -126,10 +126,15 @@ def get_event(path: str, headers: dict[str, str], query: dict[str, str] | None =
 def call(handler: Any, event: dict[str, Any], expect: int | tuple[int, ...] = (200, 201)) -> dict[str, Any]:
     """One invocation, as the Lambda runtime makes it; the response, its status checked."""
     response: dict[str, Any] = handler(event, lambda_context())
+    check_status(event, response, expect)
+    return response
+
+
+def check_status(event: dict[str, Any], response: dict[str, Any], expect: int | tuple[int, ...]) -> None:
+    """AssertionError unless the response's status is (one of) `expect`."""
     wanted = (expect,) if isinstance(expect, int) else expect
     if response["statusCode"] not in wanted:
         raise AssertionError(f"{event['rawPath']}: {response['statusCode']} {response.get('body')}")
-    return response
 
 
 class RequestLines:
