@@ -300,13 +300,29 @@ select u.id, u.clerk_id, u.device_id, u.email, u.created_at, u.linked_to_user_id
    for no key update of u, t
 """
 
+# $1 Clerk user id, $2 device user id
+LOCK_LINK_PLANS = """
+-- name: lock_link_plans
+-- The active plans of both, so that the expiry job cannot end one between
+-- the move's snapshot and its update (it waits, then finds the plan moved
+-- or extended). Taken after the wallets: a purchase takes its wallet before
+-- its plan, so the two queue on the wallet.
+select id
+  from subscriptions
+ where user_id in ($1, $2)
+   and status = 'active'
+ order by id
+   for update
+"""
+
 # $1 Clerk user id, $2 device user id, $3 tokens the device keeps when the
 # account already has a linked device
 MOVE_DEVICE_INTO_ACCOUNT = """
 -- name: move_device_into_account
--- One statement, run while both users and wallets are locked (this statement's
--- snapshot is newer than the locks): what moves, both wallets with their
--- ledger rows, the device's generations and payments, and the link mark.
+-- One statement, run while both users, wallets and active plans are locked
+-- (this statement's snapshot is newer than the locks): what moves, both
+-- wallets with their ledger rows, the device's generations, payments and
+-- plan, and the link mark.
 with moving as (
     -- the account gets the welcome bonus of its first linked device only;
     -- any later device keeps up to its own bonus
@@ -360,6 +376,55 @@ payments_moved as (
        set user_id = $1, idempotency_key = null, updated_at = now()
      where user_id = $2
 ),
+device_plan as (
+    -- a plan bought on the device is paid time: it goes with the device's
+    -- payments (a refund of one of them then shortens the plan it paid for)
+    select s.id, s.plan, s.current_period_end - now() as time_left, p.daily_generation_limit
+      from subscriptions s
+      join plans p on p.id = s.plan
+     where s.user_id = $2
+       and s.status = 'active'
+       and s.current_period_end > now()
+),
+account_plan as (
+    -- active, though perhaps past its end (the expiry job not yet run): the
+    -- account can hold one active plan only
+    select s.id, s.current_period_end > now() as running, p.daily_generation_limit
+      from subscriptions s
+      join plans p on p.id = s.plan
+     where s.user_id = $1
+       and s.status = 'active'
+),
+plan_moved as (
+    -- the account has no plan: the device's becomes its own
+    update subscriptions s
+       set user_id = $1, updated_at = now()
+      from device_plan d
+     where s.id = d.id
+       and not exists (select 1 from account_plan)
+),
+plan_merged as (
+    -- both have one: the account keeps one plan, the higher of the two, and
+    -- its paid time grows by what was left of the device's (as a purchase
+    -- during a plan extends it)
+    update subscriptions s
+       set plan               = case when not a.running
+                                       or d.daily_generation_limit > a.daily_generation_limit
+                                     then d.plan else s.plan end,
+           current_period_end = greatest(s.current_period_end, now()) + d.time_left,
+           updated_at         = now()
+      from device_plan d, account_plan a
+     where s.id = a.id
+),
+device_plan_ended as (
+    update subscriptions s
+       set status             = 'canceled',
+           current_period_end = greatest(now(), s.current_period_start + interval '1 microsecond'),
+           updated_at         = now()
+      from device_plan d
+     where s.id = d.id
+       and exists (select 1 from account_plan)
+),
 linked as (
     update users u
        set linked_to_user_id = $1, linked_at = now(), linked_tokens = m.amount
@@ -374,8 +439,10 @@ async def link_device(clerk_user_id: UUID, device_id: str) -> LinkResult:
     """Move an anonymous device's account into a Clerk account, once.
 
     Its tokens move as a transfer_out / transfer_in pair keyed
-    `link:<device user id>`, its generations and payments change owner, and
-    the device can no longer act alone. Linking it again into the same account
+    `link:<device user id>`, its generations and payments change owner, its
+    active plan becomes the account's (when the account has one too, the
+    account keeps the higher plan, extended by the device plan's time left),
+    and the device can no longer act alone. Linking it again into the same account
     reports what moved the first time; into another account is a Conflict.
     """
 
@@ -393,6 +460,7 @@ async def link_device(clerk_user_id: UUID, device_id: str) -> LinkResult:
             return LinkResult(user=_user(account), moved_tokens=device["linked_tokens"]), device["id"]
         if device["linked_to_user_id"] is not None:
             raise Conflict("This device is linked to another account")
+        await tx.fetch(LOCK_LINK_PLANS, clerk_user_id, device["id"])
         moved: int = await tx.fetchval(
             MOVE_DEVICE_INTO_ACCOUNT, clerk_user_id, device["id"], DEVICE_BONUS_KEPT
         )

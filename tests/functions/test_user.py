@@ -194,6 +194,24 @@ async def test_link_moves_the_device_into_the_account(version: str, admin: async
 
 
 @pytest.mark.parametrize("version", VERSIONS)
+async def test_a_plan_bought_on_the_device_comes_with_it(version: str, admin: asyncpg.Connection) -> None:
+    await get_user(version, device(DEVICE))
+    device_id = await user_id_of(admin, device_id=DEVICE)
+    await admin.execute(
+        "insert into subscriptions (user_id, plan, status, current_period_end)"
+        " values ($1, 'premium', 'active', now() + interval '30 days')",
+        device_id,
+    )
+    response = await link(version, clerk(CLERK_ID), {"device_id": DEVICE})
+    assert response.status == 200
+    assert response.body["user"]["plan"] == "premium"
+    assert (await get_user(version, clerk(CLERK_ID))).body["plan"] == "premium"
+    account_id = await user_id_of(admin, clerk_id=CLERK_ID)
+    owners = await admin.fetch("select user_id from subscriptions where status = 'active'")
+    assert [row["user_id"] for row in owners] == [account_id]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 async def test_linking_again_answers_what_moved_the_first_time(
     version: str, admin: asyncpg.Connection
 ) -> None:

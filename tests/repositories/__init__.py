@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from uuid import UUID, uuid4
 
 from database import config, pool
+from repositories.payments import (
+    Payment,
+    apply_provider_status,
+    attach_provider_payment,
+    create_pending_payment,
+)
 
 
 @asynccontextmanager
@@ -18,3 +25,21 @@ async def wide_pool(size: int) -> AsyncIterator[None]:
     finally:
         # the next test builds its own, default-sized pool
         await pool.close_pool()
+
+
+async def attached_payment(
+    user_id: UUID, package_id: str = "tokens_50", provider_id: str | None = None
+) -> Payment:
+    """A pending payment with its provider payment attached, as after POST /api/payments."""
+    payment, _ = await create_pending_payment(user_id, package_id, f"key-{uuid4()}")
+    provider_id = provider_id or f"pp-{uuid4()}"
+    return await attach_provider_payment(payment.id, provider_id, f"https://yoomoney.test/{provider_id}")
+
+
+async def paid_payment(user_id: UUID, package_id: str = "tokens_50") -> Payment:
+    """A payment YooKassa reported succeeded: its tokens credited, its plan granted."""
+    payment = await attached_payment(user_id, package_id)
+    assert payment.provider_payment_id is not None
+    result = await apply_provider_status(payment.provider_payment_id, "succeeded")
+    assert result.changed and result.payment is not None
+    return result.payment

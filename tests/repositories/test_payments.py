@@ -13,7 +13,6 @@ import pytest
 from database import Conflict, InvalidRequest, NotFound, cache, config, pool, stats
 from repositories.payments import (
     ApplyResult,
-    Payment,
     apply_provider_status,
     apply_refund,
     attach_provider_payment,
@@ -23,6 +22,7 @@ from repositories.payments import (
     open_payments,
 )
 from tests import db
+from tests.repositories import attached_payment, paid_payment
 
 DAY = 86400.0
 
@@ -35,22 +35,6 @@ async def wide_pool(size: int = 20) -> None:
 
 async def new_user(admin: asyncpg.Connection) -> UUID:
     return await db.insert_user(admin, clerk_id=f"user_{uuid4().hex[:12]}")
-
-
-async def attached_payment(
-    user_id: UUID, package_id: str = "tokens_50", provider_id: str | None = None
-) -> Payment:
-    payment, _ = await create_pending_payment(user_id, package_id, f"key-{uuid4()}")
-    provider_id = provider_id or f"pp-{uuid4()}"
-    return await attach_provider_payment(payment.id, provider_id, f"https://yoomoney.test/{provider_id}")
-
-
-async def paid_payment(user_id: UUID, package_id: str = "tokens_50") -> Payment:
-    payment = await attached_payment(user_id, package_id)
-    assert payment.provider_payment_id is not None
-    result = await apply_provider_status(payment.provider_payment_id, "succeeded")
-    assert result.changed and result.payment is not None
-    return result.payment
 
 
 async def spend(admin: asyncpg.Connection, user_id: UUID, cost: int) -> None:

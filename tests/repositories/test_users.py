@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from uuid import UUID
 
 import asyncpg
@@ -20,9 +21,9 @@ from database import (
     stats,
     transaction,
 )
-from repositories import tokens, users
+from repositories import payments, subscriptions, tokens, users
 from tests import db
-from tests.repositories import wide_pool
+from tests.repositories import paid_payment, wide_pool
 
 LIMIT = 5
 
@@ -498,6 +499,154 @@ async def test_link_refuses_unknown_and_wrong_parties(admin: asyncpg.Connection)
         await users.link_device(other_device.id, "device-bad-00001")
     assert await db.balance(admin, device.id) == 5
     assert await admin.fetchval("select count(*) from users where linked_to_user_id is not null") == 0
+
+
+# ------------------------------------------------------- linking a plan
+
+
+async def plans(admin: asyncpg.Connection, user_id: UUID) -> list[tuple[str, str, timedelta]]:
+    """(plan, status, time left) of each of the user's subscriptions, oldest first."""
+    rows = await admin.fetch(
+        "select plan, status, current_period_end - now() as left_ from subscriptions"
+        " where user_id = $1 order by created_at",
+        user_id,
+    )
+    return [(row["plan"], row["status"], row["left_"]) for row in rows]
+
+
+async def plan_end(admin: asyncpg.Connection, user_id: UUID) -> datetime:
+    end: datetime = await admin.fetchval(
+        "select current_period_end from subscriptions where user_id = $1 and status = 'active'", user_id
+    )
+    return end
+
+
+async def test_a_plan_bought_on_the_device_becomes_the_accounts(admin: asyncpg.Connection) -> None:
+    account = await users.get_or_create_clerk_user("user_plan_moves")
+    device = await users.get_or_create_device_user("device-plan-0001", None, LIMIT)
+    bought = await paid_payment(device.id, "pro_month")
+    end = await plan_end(admin, device.id)
+
+    await users.link_device(account.id, "device-plan-0001")
+
+    assert await plans(admin, device.id) == []
+    [(plan, status, _)] = await plans(admin, account.id)
+    assert (plan, status) == ("pro", "active")
+    assert await plan_end(admin, account.id) == end  # its paid time, to the microsecond
+    assert (await users.get_balance_and_plan(account.id)).plan == "pro"
+    # the device's payment went with it, and its refund now shortens the account's plan
+    assert bought.provider_payment_id is not None
+    await payments.apply_refund(bought.provider_payment_id, "rf-linked", bought.amount)
+    [(_, status, _)] = await plans(admin, account.id)
+    assert status == "canceled"
+    assert await db.audit_problems(admin) == []
+
+
+async def test_both_plans_merge_into_the_higher_with_both_times(admin: asyncpg.Connection) -> None:
+    account = await users.get_or_create_clerk_user("user_plan_merge")
+    device = await users.get_or_create_device_user("device-merge-0001", None, LIMIT)
+    await paid_payment(account.id, "pro_month")
+    await paid_payment(device.id, "premium_month")
+    account_end = await plan_end(admin, account.id)
+    device_end = await plan_end(admin, device.id)
+
+    before = await admin.fetchval("select now()")
+    await users.link_device(account.id, "device-merge-0001")
+    after = await admin.fetchval("select now()")
+
+    [(plan, status, _)] = await plans(admin, account.id)
+    assert (plan, status) == ("premium", "active")
+    # the account's end, plus what was left of the device's when the link ran
+    merged = await plan_end(admin, account.id)
+    assert account_end + (device_end - after) <= merged <= account_end + (device_end - before)
+    [(plan, status, left)] = await plans(admin, device.id)
+    assert (plan, status) == ("premium", "canceled")
+    assert left <= timedelta(0)
+    assert await db.audit_problems(admin) == []
+
+
+async def test_the_accounts_higher_plan_is_kept(admin: asyncpg.Connection) -> None:
+    account = await users.get_or_create_clerk_user("user_plan_higher")
+    device = await users.get_or_create_device_user("device-higher-001", None, LIMIT)
+    await paid_payment(account.id, "premium_month")
+    await paid_payment(device.id, "pro_month")
+    await users.link_device(account.id, "device-higher-001")
+    [(plan, status, left)] = await plans(admin, account.id)
+    assert (plan, status) == ("premium", "active")
+    assert timedelta(days=59, hours=23) < left <= timedelta(days=60)
+
+
+async def test_a_lapsed_account_plan_takes_the_devices(admin: asyncpg.Connection) -> None:
+    """Still marked active, past its end (the expiry job has not run): the
+    account has no plan to speak of, so it gets the device's plan and time."""
+    account = await users.get_or_create_clerk_user("user_plan_lapsed")
+    device = await users.get_or_create_device_user("device-lapsed-001", None, LIMIT)
+    await admin.execute(
+        "insert into subscriptions (user_id, plan, status, current_period_start, current_period_end)"
+        " values ($1, 'premium', 'active', now() - interval '31 days', now() - interval '1 day')",
+        account.id,
+    )
+    await paid_payment(device.id, "pro_month")
+    await users.link_device(account.id, "device-lapsed-001")
+    [(plan, status, left)] = await plans(admin, account.id)
+    assert (plan, status) == ("pro", "active")
+    assert timedelta(days=29, hours=23) < left <= timedelta(days=30)
+    assert (await users.get_balance_and_plan(account.id)).plan == "pro"
+
+
+async def test_a_lapsed_device_plan_stays_behind(admin: asyncpg.Connection) -> None:
+    account = await users.get_or_create_clerk_user("user_plan_behind")
+    device = await users.get_or_create_device_user("device-behind-001", None, LIMIT)
+    await admin.execute(
+        "insert into subscriptions (user_id, plan, status, current_period_start, current_period_end)"
+        " values ($1, 'premium', 'active', now() - interval '31 days', now() - interval '1 day')",
+        device.id,
+    )
+    await users.link_device(account.id, "device-behind-001")
+    assert await plans(admin, account.id) == []
+    assert [(plan, status) for plan, status, _ in await plans(admin, device.id)] == [("premium", "active")]
+    assert await subscriptions.expire_ended() == 1
+
+
+async def test_linking_beside_the_expiry_job_and_purchases_keeps_every_paid_day(
+    admin: asyncpg.Connection, many_connections: None
+) -> None:
+    """Links of devices with a plan, the expiry job, and a plan purchase by
+    each account, all at once; every other account starts with a plan past
+    its end that the job has yet to expire. Each account ends with one
+    active plan holding both purchases' time (30 + 30 days), and no device
+    keeps one."""
+    pairs = []
+    for n in range(10):
+        account = await users.get_or_create_clerk_user(f"user_plan_race_{n}")
+        device = await users.get_or_create_device_user(f"device-prace-{n:04}", None, LIMIT)
+        await paid_payment(device.id, "pro_month")
+        if n % 2:
+            await admin.execute(
+                "insert into subscriptions (user_id, plan, status, current_period_start, current_period_end)"
+                " values ($1, 'premium', 'active', now() - interval '31 days', now() - interval '1 second')",
+                account.id,
+            )
+        pairs.append((account, device))
+
+    async def expire_often() -> None:
+        for _ in range(30):
+            await subscriptions.expire_ended()
+
+    await asyncio.gather(
+        *(users.link_device(account.id, device.device_id or "") for account, device in pairs),
+        *(paid_payment(account.id, "pro_month") for account, _ in pairs),
+        expire_often(),
+    )
+
+    for account, device in pairs:
+        [(plan, left)] = [
+            (plan, left) for plan, status, left in await plans(admin, account.id) if status == "active"
+        ]
+        assert plan == "pro"
+        assert timedelta(days=59, hours=23) < left <= timedelta(days=60)
+        assert "active" not in [status for _, status, _ in await plans(admin, device.id)]
+    assert await db.audit_problems(admin) == []
 
 
 async def test_link_invalidates_both_cached_balances(admin: asyncpg.Connection) -> None:
