@@ -4,6 +4,12 @@ For every user: a wallet exists; the ledger's amounts add up to the balance;
 balance = total_earned - total_spent; every ledger row's balance_after is the
 running sum of amounts in id order; no balance, now or in the history, below
 zero. `dreamlens audit` prints what this finds.
+
+Every invariant is about one user's wallet and ledger, so the audit goes
+through the users in batches of AUDIT_BATCH_USERS, in id order: each batch
+is one statement (each user's wallet and ledger read in one snapshot) whose
+work is bounded by the batch, not by the whole ledger, so the hourly job
+stays inside the statement timeout however far the ledger grows.
 """
 
 from __future__ import annotations
@@ -20,16 +26,33 @@ class Violation(Model):
     detail: str
 
 
+AUDIT_BATCH_USERS = 1000
+
+NEXT_USERS = """
+-- name: next_users_to_audit
+-- keyset over the primary key: a batch costs the same wherever it starts
+-- (coalesce keeps the range usable by the index under a generic plan; the
+-- nil UUID is never a user's, whose ids are gen_random_uuid()'s version 4)
+select id
+  from users
+ where id > coalesce($1::uuid, '00000000-0000-0000-0000-000000000000'::uuid)
+ order by id
+ limit $2
+"""
+
+# $1 the batch's user ids
 FIND_VIOLATIONS = """
 -- name: find_ledger_violations
--- Set-based: one pass over the ledger (a window function gives each row's
--- running sum in id order), folded to one row per user, then every check is a
--- row of a lateral VALUES list so each failed check reads as one violation.
--- One statement, so every check sees the same snapshot.
+-- Set-based over one batch of users: one pass over their ledger rows (a
+-- window function gives each row's running sum in id order, read through the
+-- (user_id, id) index), folded to one row per user, then every check is a row
+-- of a lateral VALUES list so each failed check reads as one violation. One
+-- statement, so every check of a user sees the same snapshot.
 with running as (
     select user_id, id, amount, balance_after,
            sum(amount) over (partition by user_id order by id) as running_sum
       from token_transactions
+     where user_id = any($1::uuid[])
 ),
 ledger as (
     select user_id,
@@ -64,15 +87,28 @@ select u.id as user_id, c.problem, c.detail
         t.balance < 0 or l.lowest < 0,
         format('balance %s, lowest running balance %s', t.balance, l.lowest))
        ) as c (problem, failed, detail)
- where c.failed
+ where u.id = any($1::uuid[])
+   and c.failed
  order by u.id, c.problem
 """
 
 
-async def find_violations(db: Executor = sql) -> list[Violation]:
-    """Every broken invariant, by user; empty when the books balance."""
-    rows = await db.fetch(FIND_VIOLATIONS)
-    return [Violation.model_validate(dict(row)) for row in rows]
+async def find_violations(db: Executor = sql, batch_users: int = AUDIT_BATCH_USERS) -> list[Violation]:
+    """Every broken invariant, by user; empty when the books balance.
+
+    Users are audited `batch_users` at a time, two statements a batch; a
+    user created meanwhile behind the batch under way waits for the next run."""
+    violations: list[Violation] = []
+    after = None
+    while True:
+        batch = [row["id"] for row in await db.fetch(NEXT_USERS, after, batch_users)]
+        if not batch:
+            return violations
+        rows = await db.fetch(FIND_VIOLATIONS, batch)
+        violations += [Violation.model_validate(dict(row)) for row in rows]
+        if len(batch) < batch_users:
+            return violations
+        after = batch[-1]
 
 
 COUNT_USERS = """

@@ -36,7 +36,7 @@ async def test_clean_books_have_no_violations(admin: asyncpg.Connection) -> None
     await books(admin)
     with stats.collect() as counted:
         assert await audit.find_violations() == []
-    assert counted.statements == 1
+    assert counted.statements == 2  # one batch: its users, then their books
     assert await audit.count_users() == 2
 
 
@@ -153,6 +153,34 @@ async def test_violations_of_many_users_are_each_reported(admin: asyncpg.Connect
     await admin.execute("update user_tokens set total_earned = total_earned + 1")
     found = await audit.find_violations()
     assert problems(found) == sorted([(account, "totals"), (device, "totals")])
+
+
+async def test_the_audit_goes_through_the_users_in_batches(admin: asyncpg.Connection) -> None:
+    """Batches of 3 over 10 users find what one batch of all finds, users in
+    every batch, the last one short; each batch is two statements."""
+    ids = [await db.insert_user(admin, clerk_id=f"user_batch_{n:02}") for n in range(10)]
+    broken = sorted(ids)[1::3]  # one user in each batch, the short last one included
+    for user_id in broken:
+        await admin.execute("update user_tokens set balance = balance + 1 where user_id = $1", user_id)
+
+    with stats.collect() as counted:
+        in_batches = await audit.find_violations(batch_users=3)
+    at_once = await audit.find_violations()
+
+    assert in_batches == at_once
+    assert sorted({v.user_id for v in in_batches}) == broken
+    assert {v.problem for v in in_batches} == {"ledger_sum", "totals"}
+    assert counted.statements == 2 * 4  # 3 + 3 + 3 + 1 users
+
+
+async def test_a_batch_that_ends_exactly_on_the_last_user_stops_at_an_empty_one(
+    admin: asyncpg.Connection,
+) -> None:
+    for n in range(4):
+        await db.insert_user(admin, clerk_id=f"user_even_{n}")
+    with stats.collect() as counted:
+        assert await audit.find_violations(batch_users=2) == []
+    assert counted.statements == 2 + 2 + 1
 
 
 # ------------------------------------------------------------ dreamlens audit
