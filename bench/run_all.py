@@ -8,7 +8,7 @@ comes, with a time limit; the figures each one records
 (workload.Figures, through $BENCH_FIGURES_FILE) are gathered and printed at
 the end as one markdown block: date, machine, and per script a table of
 figure, value, reach and MET / NOT MET. A script that fails is reported in
-the block and the rest still run. About seven minutes on 2 cores.
+the block and the rest still run. Five to eight minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ SCRIPTS = [
     ("throughput", "Throughput: 8 warm handler processes vs pgbench, same statement and clients", 400),
     ("cold_start", "Cold start: fresh process, launch to first response, median of 10", 600),
     ("memory", "Memory: peak RSS of a warm function process", 400),
+    ("audit", "Ledger audit: batched statements as the ledger grows", 400),
 ]
 
 
