@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Iterator
 
+import httpx
 import pytest
 
+from functions.fake_yookassa import InProcessServer
 from tests.functions import lambda_events
 
 # Mangum() takes the thread's event loop when it is constructed (at the import
@@ -30,3 +32,11 @@ def close_import_loop() -> Iterator[None]:
 async def lambda_runtime() -> AsyncIterator[lambda_events.LambdaRuntime]:
     async with lambda_events.warm_runtime() as runtime:
         yield runtime
+
+
+@pytest.fixture
+async def http(payments_server: InProcessServer) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the payments and webhook app served on localhost
+    (payment_support.payments_server, which the module imports)."""
+    async with httpx.AsyncClient(base_url=payments_server.base_url, timeout=30) as client:
+        yield client

@@ -14,6 +14,7 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+import httpx
 import pytest
 
 from functions import payments, settings, webhook
@@ -90,6 +91,17 @@ async def payments_server() -> AsyncIterator[InProcessServer]:
         yield server
     finally:
         await server.stop()
+
+
+async def create(
+    http: httpx.AsyncClient, device: str, package_id: str = "tokens_50", key: str | None = None
+) -> Any:
+    """POST /api/payments over `http` as the device; the 201's body."""
+    response = await http.post(
+        "/api/payments", json={"package_id": package_id}, headers=user_headers(device, key)
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
 
 
 async def release_together(fake: FakeYooKassa, path: str, count: int) -> None:

@@ -8,7 +8,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -17,12 +16,13 @@ import pytest
 
 from database import config, pool
 from functions import jobs
-from functions.fake_yookassa import FakeYooKassa, InProcessServer
+from functions.fake_yookassa import FakeYooKassa
 from functions.yookassa import close_default_client
 from repositories.audit import find_violations
 from tests import db
 from tests.functions.payment_support import (
     configure_provider,
+    create,
     payment_row,
     payments_server,  # noqa: F401 (a fixture)
     release_together,
@@ -52,22 +52,6 @@ async def fake(
     assert await db.audit_problems(admin) == []
     assert await find_violations() == []
     await pool.close_pool()
-
-
-@pytest.fixture
-async def http(payments_server: InProcessServer) -> AsyncIterator[httpx.AsyncClient]:  # noqa: F811
-    async with httpx.AsyncClient(base_url=payments_server.base_url, timeout=30) as client:
-        yield client
-
-
-async def create(
-    http: httpx.AsyncClient, device: str, package_id: str = "tokens_50", key: str | None = None
-) -> Any:
-    response = await http.post(
-        "/api/payments", json={"package_id": package_id}, headers=user_headers(device, key)
-    )
-    assert response.status_code == 201, response.text
-    return response.json()
 
 
 async def provider_id(admin: asyncpg.Connection, payment_id: str) -> str:

@@ -24,6 +24,7 @@ from tests import db
 from tests.functions.payment_support import (
     WEBHOOK,
     configure_provider,
+    create,
     payment_row,
     payments_server,  # noqa: F401 (a fixture)
     release_together,
@@ -57,22 +58,6 @@ async def fake(
     assert await db.audit_problems(admin) == []
     assert await find_violations() == []
     await pool.close_pool()
-
-
-@pytest.fixture
-async def http(payments_server: InProcessServer) -> AsyncIterator[httpx.AsyncClient]:  # noqa: F811
-    async with httpx.AsyncClient(base_url=payments_server.base_url, timeout=30) as client:
-        yield client
-
-
-async def create(
-    http: httpx.AsyncClient, device: str, package_id: str = "tokens_50", key: str | None = None
-) -> Any:
-    response = await http.post(
-        "/api/payments", json={"package_id": package_id}, headers=user_headers(device, key)
-    )
-    assert response.status_code == 201, response.text
-    return response.json()
 
 
 def provider_id_of(created: dict[str, Any]) -> str:

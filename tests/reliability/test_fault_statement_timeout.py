@@ -115,16 +115,9 @@ async def test_a_credit_past_the_statement_timeout_is_503_and_credited_once_on_r
     record, books = Record(), Books()
     user = a_user(http, served, record, books)
     await user.sign_in()
-    created = await user.client.call(
-        "POST /api/payments",
-        "POST",
-        "/api/payments",
-        headers=user.headers(f"buy-{uuid.uuid4()}"),
-        json={"package_id": "tokens_50"},
-        expect=(201,),
-    )
-    payment_id = uuid.UUID(created.json()["id"])
-    provider_id = created.json()["confirmation_url"].rsplit("/", 1)[1]
+    created = await user.create_payment("tokens_50")
+    assert created is not None
+    payment_id, provider_id = created
     before = await fingerprint(admin)
 
     async with operator.transaction():

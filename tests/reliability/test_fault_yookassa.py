@@ -49,29 +49,12 @@ async def test_yookassa_down_slow_and_flaky_under_load_credits_each_payment_once
 
     async def provider_faults() -> None:
         await asyncio.sleep(0.5)  # the traffic gets going first
-        user = traffic.users[0]
-        created = await user.client.call(
-            "POST /api/payments",
-            "POST",
-            "/api/payments",
-            headers=user.headers(f"buy-{uuid.uuid4()}"),
-            json={"package_id": "tokens_50"},
-            expect=(201,),
-        )
-        payment_id = uuid.UUID(created.json()["id"])
-        provider_id = created.json()["confirmation_url"].rsplit("/", 1)[1]
+        user, payer = traffic.users[:2]
+        created = await user.create_payment("tokens_50")
         # a second payer's payment, created before the outage too
-        payer = traffic.users[1]
-        held = await payer.client.call(
-            "POST /api/payments",
-            "POST",
-            "/api/payments",
-            headers=payer.headers(f"buy-{uuid.uuid4()}"),
-            json={"package_id": "tokens_50"},
-            expect=(201,),
-        )
-        held_id = uuid.UUID(held.json()["id"])
-        held_provider_id = held.json()["confirmation_url"].rsplit("/", 1)[1]
+        held = await payer.create_payment("tokens_50")
+        assert created is not None and held is not None
+        (payment_id, provider_id), (held_id, held_provider_id) = created, held
 
         # the payer pays just as YooKassa's API goes down: the notification
         # arrives, but the payment cannot be verified

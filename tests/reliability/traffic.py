@@ -345,24 +345,30 @@ class User:
             (_, cost) = self.books.spends[(self.handle, key)]
             await self.spend("hd" if cost == COST["hd"] else "standard", key=key)
 
-    async def buy(self, package_id: str) -> None:
-        """Create a payment, pay it at YooKassa, and see it delivered: the fake
-        POSTs payment.succeeded to the webhook; like YooKassa, it is delivered
-        again until the webhook answers 200."""
-        key = f"buy-{uuid.uuid4()}"
+    async def create_payment(self, package_id: str) -> tuple[UUID, str] | None:
+        """POST /api/payments (repeated while 503): our payment id and
+        YooKassa's, or None when it was refused."""
         response = await self.client.call(
             "POST /api/payments",
             "POST",
             "/api/payments",
-            headers=self.headers(key),
+            headers=self.headers(f"buy-{uuid.uuid4()}"),
             json={"package_id": package_id},
             expect=(201,),
         )
         if response.status_code != 201:
-            return
+            return None
         created = response.json()
-        payment_id = UUID(created["id"])
-        provider_id = created["confirmation_url"].rsplit("/", 1)[1]
+        return UUID(created["id"]), created["confirmation_url"].rsplit("/", 1)[1]
+
+    async def buy(self, package_id: str) -> None:
+        """Create a payment, pay it at YooKassa, and see it delivered: the fake
+        POSTs payment.succeeded to the webhook; like YooKassa, it is delivered
+        again until the webhook answers 200."""
+        created = await self.create_payment(package_id)
+        if created is None:
+            return
+        payment_id, provider_id = created
         notification = await self.fake.succeed(provider_id)
         await deliver(self.provider or self.client, self.books, payment_id, notification)
         shown = await self.client.call(
