@@ -521,6 +521,19 @@ async def plan_end(admin: asyncpg.Connection, user_id: UUID) -> datetime:
     return end
 
 
+async def add_lapsed_plan(
+    admin: asyncpg.Connection, user_id: UUID, ended_ago: timedelta = timedelta(days=1)
+) -> None:
+    """A premium plan still marked active, its end `ended_ago` past: the
+    expiry job has not reached it yet."""
+    await admin.execute(
+        "insert into subscriptions (user_id, plan, status, current_period_start, current_period_end)"
+        " values ($1, 'premium', 'active', now() - interval '31 days', now() - $2::interval)",
+        user_id,
+        ended_ago,
+    )
+
+
 async def test_a_plan_bought_on_the_device_becomes_the_accounts(admin: asyncpg.Connection) -> None:
     account = await users.get_or_create_clerk_user("user_plan_moves")
     device = await users.get_or_create_device_user("device-plan-0001", None, LIMIT)
@@ -542,11 +555,17 @@ async def test_a_plan_bought_on_the_device_becomes_the_accounts(admin: asyncpg.C
     assert await db.audit_problems(admin) == []
 
 
-async def test_both_plans_merge_into_the_higher_with_both_times(admin: asyncpg.Connection) -> None:
+@pytest.mark.parametrize(
+    ("account_package", "device_package", "kept"),
+    [("pro_month", "premium_month", "premium"), ("premium_month", "pro_month", "premium")],
+)
+async def test_both_plans_merge_into_the_higher_with_both_times(
+    admin: asyncpg.Connection, account_package: str, device_package: str, kept: str
+) -> None:
     account = await users.get_or_create_clerk_user("user_plan_merge")
     device = await users.get_or_create_device_user("device-merge-0001", None, LIMIT)
-    await paid_payment(account.id, "pro_month")
-    await paid_payment(device.id, "premium_month")
+    await paid_payment(account.id, account_package)
+    await paid_payment(device.id, device_package)
     account_end = await plan_end(admin, account.id)
     device_end = await plan_end(admin, device.id)
 
@@ -555,25 +574,14 @@ async def test_both_plans_merge_into_the_higher_with_both_times(admin: asyncpg.C
     after = await admin.fetchval("select now()")
 
     [(plan, status, _)] = await plans(admin, account.id)
-    assert (plan, status) == ("premium", "active")
+    assert (plan, status) == (kept, "active")
     # the account's end, plus what was left of the device's when the link ran
     merged = await plan_end(admin, account.id)
     assert account_end + (device_end - after) <= merged <= account_end + (device_end - before)
     [(plan, status, left)] = await plans(admin, device.id)
-    assert (plan, status) == ("premium", "canceled")
+    assert (plan, status) == (device_package.removesuffix("_month"), "canceled")
     assert left <= timedelta(0)
     assert await db.audit_problems(admin) == []
-
-
-async def test_the_accounts_higher_plan_is_kept(admin: asyncpg.Connection) -> None:
-    account = await users.get_or_create_clerk_user("user_plan_higher")
-    device = await users.get_or_create_device_user("device-higher-001", None, LIMIT)
-    await paid_payment(account.id, "premium_month")
-    await paid_payment(device.id, "pro_month")
-    await users.link_device(account.id, "device-higher-001")
-    [(plan, status, left)] = await plans(admin, account.id)
-    assert (plan, status) == ("premium", "active")
-    assert timedelta(days=59, hours=23) < left <= timedelta(days=60)
 
 
 async def test_a_lapsed_account_plan_takes_the_devices(admin: asyncpg.Connection) -> None:
@@ -581,11 +589,7 @@ async def test_a_lapsed_account_plan_takes_the_devices(admin: asyncpg.Connection
     account has no plan to speak of, so it gets the device's plan and time."""
     account = await users.get_or_create_clerk_user("user_plan_lapsed")
     device = await users.get_or_create_device_user("device-lapsed-001", None, LIMIT)
-    await admin.execute(
-        "insert into subscriptions (user_id, plan, status, current_period_start, current_period_end)"
-        " values ($1, 'premium', 'active', now() - interval '31 days', now() - interval '1 day')",
-        account.id,
-    )
+    await add_lapsed_plan(admin, account.id)
     await paid_payment(device.id, "pro_month")
     await users.link_device(account.id, "device-lapsed-001")
     [(plan, status, left)] = await plans(admin, account.id)
@@ -597,11 +601,7 @@ async def test_a_lapsed_account_plan_takes_the_devices(admin: asyncpg.Connection
 async def test_a_lapsed_device_plan_stays_behind(admin: asyncpg.Connection) -> None:
     account = await users.get_or_create_clerk_user("user_plan_behind")
     device = await users.get_or_create_device_user("device-behind-001", None, LIMIT)
-    await admin.execute(
-        "insert into subscriptions (user_id, plan, status, current_period_start, current_period_end)"
-        " values ($1, 'premium', 'active', now() - interval '31 days', now() - interval '1 day')",
-        device.id,
-    )
+    await add_lapsed_plan(admin, device.id)
     await users.link_device(account.id, "device-behind-001")
     assert await plans(admin, account.id) == []
     assert [(plan, status) for plan, status, _ in await plans(admin, device.id)] == [("premium", "active")]
@@ -622,11 +622,7 @@ async def test_linking_beside_the_expiry_job_and_purchases_keeps_every_paid_day(
         device = await users.get_or_create_device_user(f"device-prace-{n:04}", None, LIMIT)
         await paid_payment(device.id, "pro_month")
         if n % 2:
-            await admin.execute(
-                "insert into subscriptions (user_id, plan, status, current_period_start, current_period_end)"
-                " values ($1, 'premium', 'active', now() - interval '31 days', now() - interval '1 second')",
-                account.id,
-            )
+            await add_lapsed_plan(admin, account.id, ended_ago=timedelta(seconds=1))
         pairs.append((account, device))
 
     async def expire_often() -> None:
