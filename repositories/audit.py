@@ -6,10 +6,11 @@ running sum of amounts in id order; no balance, now or in the history, below
 zero. `dreamlens audit` prints what this finds.
 
 Every invariant is about one user's wallet and ledger, so the audit goes
-through the users in batches of AUDIT_BATCH_USERS, in id order: each batch
-is one statement (each user's wallet and ledger read in one snapshot) whose
-work is bounded by the batch, not by the whole ledger, so the hourly job
-stays inside the statement timeout however far the ledger grows.
+through the users in batches of AUDIT_BATCH_USERS, in id order: one
+statement lists a batch, one checks its books (each user's wallet and ledger
+read in one snapshot). A statement's work is bounded by the batch, not by the
+whole ledger, so the hourly job stays inside the statement timeout however
+far the ledger grows (bench/audit.py).
 """
 
 from __future__ import annotations
