@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from tests.functions.callers import clerk, clerk_key
 from tests.packaging.conftest import REPORT, Function, SmokeRuntime, functions_of, load_service
 
 pytestmark = pytest.mark.packaging
@@ -248,3 +249,72 @@ def test_health_handler_imports_alone(
         f"{median * 1000:.0f} ms on CPython {smoke_runtime.version}, "
         f"{reports[0]['artifact_modules']} modules of the artifact, all from their pyc"
     )
+
+
+def test_a_clerk_caller_is_verified_by_the_shipped_cryptography(
+    functions: list[Function],
+    template: dict[str, Any],
+    smoke_runtime: SmokeRuntime,
+    unzipped: Path,
+    smoke_environment: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """GET /api/user with a Clerk session token (RS256): PyJWT and the native
+    code of cryptography, as the zip ships them (stripped), verify it, and the
+    caller is created. The key is given directly (the template's points at
+    Secrets Manager), with no issuer or party to match."""
+    function = by_name(functions, "user")
+    event = http_event("GET /api/user")
+    headers = {name: value for name, value in event["headers"].items() if name != "x-device-id"}
+    event["headers"] = {**headers, "authorization": clerk("user_smoke_clerk")["Authorization"]}
+    environment = {
+        **{
+            name: value
+            for name, value in function_environment(template, function).items()
+            if not name.startswith("CLERK_")
+        },
+        **smoke_environment,
+        "CLERK_JWT_KEY": clerk_key()[1],
+    }
+    report = cold_start(smoke_runtime, unzipped, function, [event], environment, tmp_path)
+
+    (invocation,) = report["invocations"]
+    response = invocation["response"]
+    body = json.loads(response["body"])
+    assert response["statusCode"] == 200, body
+    assert (body["clerk_id"], body["device_id"]) == ("user_smoke_clerk", None)
+
+
+def elf_section_names(path: Path) -> set[str]:
+    """The section names of a 64-bit little-endian ELF file (what x86_64 and
+    arm64 Lambdas load), read from its section header table."""
+    data = path.read_bytes()
+    assert data[:4] == b"\x7fELF" and data[4:6] == b"\x02\x01", f"{path.name}: not 64-bit little-endian ELF"
+    table = int.from_bytes(data[0x28:0x30], "little")
+    entry_size = int.from_bytes(data[0x3A:0x3C], "little")
+    count = int.from_bytes(data[0x3C:0x3E], "little")
+    names_index = int.from_bytes(data[0x3E:0x40], "little")
+
+    def header(index: int) -> bytes:
+        return data[table + index * entry_size : table + (index + 1) * entry_size]
+
+    names_at = int.from_bytes(header(names_index)[0x18:0x20], "little")
+    names = set()
+    for index in range(count):
+        start = names_at + int.from_bytes(header(index)[0:4], "little")
+        names.add(data[start : data.index(b"\0", start)].decode())
+    return names
+
+
+def test_shared_objects_ship_without_symbol_tables_or_debug_information(unzipped: Path) -> None:
+    """.ci/build_lambda.py strips them: asyncpg's extensions alone carried
+    about 12 MB of debug information, a quarter of Lambda's 50 MB limit."""
+    shared = sorted(unzipped.rglob("*.so"))
+    assert len(shared) >= 4  # asyncpg's two, pydantic-core's, cryptography's
+    unstripped = {
+        path.relative_to(unzipped).as_posix(): sorted(
+            name for name in elf_section_names(path) if name == ".symtab" or name.startswith(".debug")
+        )
+        for path in shared
+    }
+    assert {name: sections for name, sections in unstripped.items() if sections} == {}
