@@ -35,12 +35,19 @@ select count(pg_terminate_backend(pid))
 """
 
 
+# a terminated backend leaves pg_stat_activity before its slot is free: a
+# round that found nothing is confirmed by another this much later
+SETTLE_SECONDS = 0.2
+
+
 async def take_every_slot(url: str, admin: asyncpg.Connection) -> list[asyncpg.Connection]:
     """Connections holding every slot the app's pool had or could get: its
-    backends are terminated and their slots taken, until a round finds no
-    app backend left and no slot free (a terminated backend frees its slot
-    only once it has exited, maybe after the round that filled the rest)."""
+    backends are terminated and their slots taken, until two rounds in a row,
+    SETTLE_SECONDS apart, find no app backend left and no slot free (a
+    terminated backend frees its slot only once it has exited, which may be
+    after it left pg_stat_activity and after the round that filled the rest)."""
     hogs: list[asyncpg.Connection] = []
+    quiet_rounds = 0
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         await admin.fetchval(TERMINATE_APP_BACKENDS)
@@ -53,8 +60,11 @@ async def take_every_slot(url: str, admin: asyncpg.Connection) -> list[asyncpg.C
             pass
         except asyncpg.CannotConnectNowError:
             continue
-        if taken == 0 and await admin.fetchval(APP_BACKENDS) == 0:
+        quiet = taken == 0 and await admin.fetchval(APP_BACKENDS) == 0
+        quiet_rounds = quiet_rounds + 1 if quiet else 0
+        if quiet_rounds == 2:
             return hogs
+        await asyncio.sleep(SETTLE_SECONDS)
     raise AssertionError("the app kept its connections")
 
 
