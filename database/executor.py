@@ -55,16 +55,16 @@ class Executor(Protocol):
     async def execute(self, query: str, *args: Any) -> str: ...
 
 
-def round_trips_per_statement() -> int:
+def round_trips_per_statement(settings: config.Settings | None = None) -> int:
     # with the statement cache off (PgBouncer, RDS Proxy) every statement is
     # prepared anew: one round trip to prepare, one to execute
-    return 1 if config.settings().statement_cache_size > 0 else 2
+    return 1 if (settings or config.settings()).statement_cache_size > 0 else 2
 
 
-def _timeout() -> float | None:
+def _timeout(settings: config.Settings | None = None) -> float | None:
     """One operation's timeout: the configured command timeout, or less when
     the request's budget has less left (TimeoutError when it is spent)."""
-    return budget.bounded(config.settings().command_timeout or None)
+    return budget.bounded((settings or config.settings()).command_timeout or None)
 
 
 # a simple-protocol query: the server ends any unfinished extended query with it
@@ -115,9 +115,7 @@ async def _timed(connection: Connection, method: str, query: str, args: tuple[An
     settings = config.settings()
     started = time.perf_counter()
     try:
-        return await getattr(connection, method)(
-            query, *args, timeout=budget.bounded(settings.command_timeout or None)
-        )
+        return await getattr(connection, method)(query, *args, timeout=_timeout(settings))
     except Exception as exc:
         if _refused_by_asyncpg(exc):
             await _end_unfinished_query(connection)
@@ -127,7 +125,7 @@ async def _timed(connection: Connection, method: str, query: str, args: tuple[An
         stats.record(
             query,
             ms,
-            1 if settings.statement_cache_size > 0 else 2,  # round_trips_per_statement()
+            round_trips_per_statement(settings),
             settings.slow_statement_ms,
         )
 
