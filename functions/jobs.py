@@ -78,12 +78,20 @@ async def reconcile_payments(now: datetime | None = None, stop_at: float | None 
     """Ask YooKassa about payments still open after PAYMENT_RECONCILE_AFTER_MINUTES
     (default 10): a lost webhook must not lose anyone's money.
 
+    Payments that never got a YooKassa payment are canceled (`abandoned`)
+    after PAYMENT_ABANDON_AFTER_MINUTES (default 1,440: a day, YooKassa's
+    Idempotence-Key window, within which a client's repeat still meets the
+    payment YooKassa may have made). Nobody was shown a page to pay them.
+
     `stop_at` (time.monotonic()) ends the run early, before the Lambda's own
     timeout would cut a payment off mid-way; the next run takes the rest."""
     from functions import payment_sync
     from functions.yookassa import default_client
 
-    older_than = (now or datetime.now(UTC)) - _minutes("PAYMENT_RECONCILE_AFTER_MINUTES", 10)
+    now = now or datetime.now(UTC)
+    abandon_before = now - _minutes("PAYMENT_ABANDON_AFTER_MINUTES", 1440)
+    abandoned = await payments.cancel_abandoned_payments(abandon_before)
+    older_than = now - _minutes("PAYMENT_RECONCILE_AFTER_MINUTES", 10)
     client = default_client()
     checked = changed = failed = 0
     for payment in await payments.open_payments(older_than):
@@ -98,8 +106,10 @@ async def reconcile_payments(now: datetime | None = None, stop_at: float | None 
             log.warning("reconcile of payment %s failed: %s", payment.id, exc.code)
             continue
         changed += int(result.changed)
-    metrics.emit({"PaymentsReconciled": changed, "PaymentReconcileFailures": failed})
-    return {"checked": checked, "changed": changed, "failed": failed}
+    metrics.emit(
+        {"PaymentsReconciled": changed, "PaymentReconcileFailures": failed, "PaymentsAbandoned": abandoned}
+    )
+    return {"checked": checked, "changed": changed, "failed": failed, "abandoned": abandoned}
 
 
 JOBS: dict[str, Job] = {

@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from database import InvalidRequest, ProviderUnavailable
+from database import Conflict, InvalidRequest, ProviderUnavailable
 from database.model import Model
 from functions.app import build_app
 from functions.http import RequestModel, idempotency_key, json_response, read_json
@@ -147,15 +147,18 @@ async def list_packages(request: Request) -> Response:
     return json_response(PackageList(items=items))
 
 
-@endpoint(auth="user", request=CreatePayment, response=PaymentCreated, status=201, idempotent=True)
+@endpoint(
+    auth="user", request=CreatePayment, response=PaymentCreated, status=201, errors=[409], idempotent=True
+)
 async def create_payment(request: Request) -> Response:
     """Create a YooKassa payment for a package.
 
     Send the payer to `confirmation_url`; the tokens (and the plan) arrive
     when YooKassa reports the payment succeeded. A repeat with the same
     `Idempotency-Key` answers the same payment and the same body. 503 when
-    YooKassa cannot be reached: repeat with the same key. `amount` is in
-    minor units.
+    YooKassa cannot be reached: repeat with the same key. 409 when a
+    payment left without YooKassa's answer for a day was abandoned: start a
+    new one with a new key. `amount` is in minor units.
     """
     user = await current_user(request)
     body = await read_json(request, CreatePayment)
@@ -169,6 +172,9 @@ async def create_payment(request: Request) -> Response:
             details=[{"loc": ["body", "package_id"], "msg": "is not a package on sale", "type": "unknown"}],
         ) from exc
     if payment.provider_payment_id is None:
+        if payment.status != "pending":
+            # abandoned by the reconciler: never create a payable payment for it
+            raise Conflict(payments.ABANDONED)
         payment = await _create_at_provider(request, payment)
     return json_response(_created(payment), status=201)
 

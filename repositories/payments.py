@@ -8,6 +8,11 @@ forward only by what the provider reports:
              ├────────────────────────┤
              └────────────────────────┴─> canceled
 
+A payment that never got a provider payment (YooKassa was down, or its
+answer was lost, and the client gave up) is abandoned after a day: the
+reconciler cancels it, and a canceled payment is never attached afterwards,
+so no provider payment can be paid for a payment we no longer credit.
+
 Moving to `succeeded` credits the package's tokens (and grants its plan) in
 the same statement; a refund takes tokens back in one statement too. Both
 apply exactly once however often and however concurrently the provider's
@@ -40,6 +45,8 @@ FORWARD = {
 DUPLICATE_GUARDS = ("token_transactions_idempotency_key", "payment_refunds_pkey")
 
 MAX_OPEN_PAYMENTS = 1000
+
+ABANDONED = "This payment was abandoned before it could be paid; start a new one with a new Idempotency-Key"
 
 
 class Payment(Model):
@@ -108,6 +115,9 @@ with attached as (
            updated_at          = now()
      where id = $1
        and provider_payment_id is null
+       -- an abandoned (canceled) payment is never attached: nothing paid
+       -- for it could be credited
+       and status = 'pending'
     returning *
 )
 select * from attached
@@ -316,6 +326,32 @@ select p.*, false, 0
    and not exists (select 1 from moved)
 """
 
+CANCEL_ABANDONED_PAYMENTS = """
+-- name: cancel_abandoned_payments
+-- Payments that never got a provider payment, older than $1: nobody was
+-- ever shown a page to pay them. The status guard keeps a concurrent attach
+-- and this cancel from both winning: whichever commits first, the other's
+-- re-checked WHERE no longer matches. Bounded by $2 a run; served by
+-- payments_open_created_at_idx.
+with abandoned as (
+    select id
+      from payments
+     where status = 'pending'
+       and provider_payment_id is null
+       and created_at < $1
+     order by created_at
+     limit $2
+)
+update payments p
+   set status     = 'canceled',
+       updated_at = now()
+  from abandoned a
+ where p.id = a.id
+   and p.status = 'pending'
+   and p.provider_payment_id is null
+returning p.id
+"""
+
 OPEN_PAYMENTS = """
 -- name: open_payments
 -- the reconciler's question (served by payments_open_created_at_idx): which
@@ -366,7 +402,8 @@ async def attach_provider_payment(
     payment_id: UUID, provider_payment_id: str, confirmation_url: str | None, db: Executor = sql
 ) -> Payment:
     """Record the provider's payment for ours. Attaching the same provider id
-    again changes nothing; a different one is a Conflict (the first sticks)."""
+    again changes nothing; a different one is a Conflict (the first sticks),
+    and so is attaching to a payment that was abandoned (canceled) first."""
     for _ in range(2):
         row = await db.fetchrow(ATTACH_PROVIDER_PAYMENT, payment_id, provider_payment_id, confirmation_url)
         if row is None:
@@ -375,6 +412,8 @@ async def attach_provider_payment(
             return _payment(row)
         if row["provider_payment_id"] is not None:
             raise Conflict(f"Payment {payment_id} already has provider payment {row['provider_payment_id']}")
+        if row["status"] != "pending":
+            raise Conflict(ABANDONED)
         # a concurrent attach committed after this statement's snapshot: look again
     raise Conflict(f"Payment {payment_id} is being attached concurrently")
 
@@ -470,3 +509,11 @@ async def open_payments(older_than: datetime, limit: int = 100, db: Executor = s
     if not 1 <= limit <= MAX_OPEN_PAYMENTS:
         raise InvalidRequest(f"limit must be between 1 and {MAX_OPEN_PAYMENTS}")
     return [_payment(row) for row in await db.fetch(OPEN_PAYMENTS, older_than, limit)]
+
+
+async def cancel_abandoned_payments(older_than: datetime, limit: int = 100, db: Executor = sql) -> int:
+    """Cancel up to `limit` payments created before `older_than` that never
+    got a provider payment; how many were canceled."""
+    if not 1 <= limit <= MAX_OPEN_PAYMENTS:
+        raise InvalidRequest(f"limit must be between 1 and {MAX_OPEN_PAYMENTS}")
+    return len(await db.fetch(CANCEL_ABANDONED_PAYMENTS, older_than, limit))

@@ -18,7 +18,7 @@ import pytest
 import yaml
 from moto import mock_aws
 
-from functions import payments, settings, webhook
+from functions import jobs, payments, settings, webhook
 from functions.fake_yookassa import FakeYooKassa
 from functions.openapi import document
 from functions.yookassa import YooKassaClient, YooKassaSettings, close_default_client
@@ -256,6 +256,42 @@ async def test_a_lost_answer_from_yookassa_is_completed_without_a_second_provide
     assert repeat.status == 201
     assert (await payment_row(admin, stored.id))["provider_payment_id"] == made.id
     assert list(fake.payments) == [made.id]
+
+
+async def test_a_payment_yookassa_never_made_is_abandoned_after_a_day_and_never_made_later(
+    fake: FakeYooKassa, admin: asyncpg.Connection, lambda_runtime: LambdaRuntime
+) -> None:
+    """YooKassa was down and the client gave up: the reconciler cancels the
+    payment after a day, and a late repeat of the request is a 409 that
+    creates nothing at YooKassa, so nothing payable exists for a payment we
+    would no longer credit. One younger than a day is left for its repeat."""
+    fake.go_down()
+    assert (await buy("device-abandon-1", key="given-up")).status == 503
+    assert (await buy("device-abandon-1", key="still-trying")).status == 503
+    await admin.execute(
+        "update payments set created_at = now() - interval '25 hours' where idempotency_key = 'given-up'"
+    )
+    fake.recover()
+
+    def reconcile() -> Any:
+        return jobs.reconcile_payments()
+
+    assert await lambda_runtime.run(reconcile) == {"checked": 0, "changed": 0, "failed": 0, "abandoned": 1}
+    assert await lambda_runtime.run(reconcile) == {"checked": 0, "changed": 0, "failed": 0, "abandoned": 0}
+    rows = {row["idempotency_key"]: row for row in await admin.fetch("select * from payments")}
+    assert (rows["given-up"]["status"], rows["given-up"]["provider_payment_id"]) == ("canceled", None)
+    assert rows["still-trying"]["status"] == "pending"
+
+    late = await buy("device-abandon-1", key="given-up")
+    assert (late.status, late.body["error"]) == (409, "conflict")
+    assert "new Idempotency-Key" in late.body["message"]
+    assert fake.payments == {}
+    assert (await payment_row(admin, rows["given-up"]["id"]))["status"] == "canceled"
+
+    assert (await buy("device-abandon-1", key="still-trying")).status == 201
+    assert len(fake.payments) == 1
+    user_id = await user_of_device(admin, "device-abandon-1")
+    assert [row["type"] for row in await db.ledger(admin, user_id)] == ["bonus"]
 
 
 async def test_yookassa_refusing_our_credentials_is_503_not_the_callers_fault(

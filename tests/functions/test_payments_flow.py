@@ -54,6 +54,11 @@ async def fake(
     await pool.close_pool()
 
 
+def run(checked: int, changed: int, failed: int, abandoned: int = 0) -> dict[str, int]:
+    """What a reconciler run reports."""
+    return {"checked": checked, "changed": changed, "failed": failed, "abandoned": abandoned}
+
+
 async def provider_id(admin: asyncpg.Connection, payment_id: str) -> str:
     value: str = (await payment_row(admin, payment_id))["provider_payment_id"]
     return value
@@ -103,7 +108,7 @@ async def test_a_payment_whose_webhook_never_arrives_is_credited_by_the_reconcil
     assert await db.balance(admin, user_id) == 5
 
     # too young to be chased: YooKassa may still be delivering
-    assert await jobs.reconcile_payments() == {"checked": 0, "changed": 0, "failed": 0}
+    assert await jobs.reconcile_payments() == run(0, 0, 0)
 
     later = datetime.now(UTC) + timedelta(minutes=30)
     # both runs find the payment open: YooKassa answers neither until both ask
@@ -119,7 +124,7 @@ async def test_a_payment_whose_webhook_never_arrives_is_credited_by_the_reconcil
     purchases = [row for row in await db.ledger(admin, user_id) if row["type"] == "purchase"]
     assert [row["idempotency_key"] for row in purchases] == [f"payment:{created['id']}"]
     # settled: nothing left to chase
-    assert await jobs.reconcile_payments(now=later) == {"checked": 0, "changed": 0, "failed": 0}
+    assert await jobs.reconcile_payments(now=later) == run(0, 0, 0)
 
     shown = await http.get(f"/api/payments/{created['id']}", headers=user_headers("device-flow-lost1"))
     assert shown.json()["status"] == "succeeded"
@@ -132,7 +137,7 @@ async def test_the_reconciler_leaves_unpaid_payments_open_and_closes_canceled_on
     abandoned = await create(http, "device-flow-open1")
     await fake.cancel(await provider_id(admin, abandoned["id"]))
     later = datetime.now(UTC) + timedelta(minutes=30)
-    assert await jobs.reconcile_payments(now=later) == {"checked": 2, "changed": 1, "failed": 0}
+    assert await jobs.reconcile_payments(now=later) == run(2, 1, 0)
     assert (await payment_row(admin, unpaid["id"]))["status"] == "pending"
     assert (await payment_row(admin, abandoned["id"]))["status"] == "canceled"
     assert await db.balance(admin, await buyer(admin, "device-flow-open1")) == 5
@@ -145,9 +150,9 @@ async def test_the_reconciler_survives_yookassa_down_and_credits_on_the_next_run
     await fake.succeed(await provider_id(admin, created["id"]))
     later = datetime.now(UTC) + timedelta(minutes=30)
     fake.go_down()
-    assert await jobs.reconcile_payments(now=later) == {"checked": 1, "changed": 0, "failed": 1}
+    assert await jobs.reconcile_payments(now=later) == run(1, 0, 1)
     fake.recover()
-    assert await jobs.reconcile_payments(now=later) == {"checked": 1, "changed": 1, "failed": 0}
+    assert await jobs.reconcile_payments(now=later) == run(1, 1, 0)
     assert await db.balance(admin, await buyer(admin, "device-flow-down1")) == 55
 
 
@@ -160,8 +165,8 @@ async def test_the_reconciler_stops_before_its_deadline_and_the_next_run_goes_on
     await fake.succeed(await provider_id(admin, created["id"]))
     later = datetime.now(UTC) + timedelta(minutes=30)
     out_of_time = await jobs.reconcile_payments(now=later, stop_at=time.monotonic() - 1)
-    assert out_of_time == {"checked": 0, "changed": 0, "failed": 0}
+    assert out_of_time == run(0, 0, 0)
     assert await db.balance(admin, await buyer(admin, "device-flow-late1")) == 5
     next_run = await jobs.reconcile_payments(now=later, stop_at=time.monotonic() + 60)
-    assert next_run == {"checked": 1, "changed": 1, "failed": 0}
+    assert next_run == run(1, 1, 0)
     assert await db.balance(admin, await buyer(admin, "device-flow-late1")) == 5 + 50

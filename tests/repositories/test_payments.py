@@ -16,6 +16,7 @@ from repositories.payments import (
     apply_provider_status,
     apply_refund,
     attach_provider_payment,
+    cancel_abandoned_payments,
     create_pending_payment,
     get_payment,
     get_payment_by_provider_id,
@@ -512,3 +513,65 @@ async def test_open_payments_are_the_unsettled_ones_with_a_provider_id(admin: as
     assert await open_payments(cut_off - timedelta(days=1)) == []
     with pytest.raises(InvalidRequest):
         await open_payments(cut_off, limit=0)
+
+
+async def test_only_old_payments_without_a_provider_payment_are_abandoned(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    old_unattached = [(await create_pending_payment(user_id, "tokens_50", f"old-{n}"))[0] for n in range(3)]
+    old_attached = await attached_payment(user_id, provider_id="pp-old-attached")
+    await admin.execute("update payments set created_at = now() - interval '2 days'")
+    young, _ = await create_pending_payment(user_id, "tokens_50", "key-young")
+    cut_off = await admin.fetchval("select now() - interval '1 day'")
+
+    assert await cancel_abandoned_payments(cut_off, limit=2) == 2
+    assert await cancel_abandoned_payments(cut_off, limit=2) == 1
+    assert await cancel_abandoned_payments(cut_off) == 0
+    statuses = dict(await admin.fetch("select id, status from payments"))
+    assert [statuses[p.id] for p in old_unattached] == ["canceled"] * 3
+    assert (statuses[old_attached.id], statuses[young.id]) == ("pending", "pending")
+    with pytest.raises(InvalidRequest):
+        await cancel_abandoned_payments(cut_off, limit=0)
+
+
+async def test_an_abandoned_payment_is_never_attached(admin: asyncpg.Connection) -> None:
+    user_id = await new_user(admin)
+    payment, _ = await create_pending_payment(user_id, "tokens_50", "key-abandoned")
+    await admin.execute("update payments set created_at = now() - interval '2 days'")
+    assert await cancel_abandoned_payments(await admin.fetchval("select now() - interval '1 day'")) == 1
+    with pytest.raises(Conflict):
+        await attach_provider_payment(payment.id, "pp-too-late", "https://yoomoney.test/pp-too-late")
+    row = await admin.fetchrow("select status, provider_payment_id from payments where id = $1", payment.id)
+    assert (row["status"], row["provider_payment_id"]) == ("canceled", None)
+    # a provider's word on the id it never got changes nothing either
+    assert await apply_provider_status("pp-too-late", "succeeded") == ApplyResult(
+        payment=None, changed=False, credited_tokens=0
+    )
+
+
+async def test_abandoning_and_attaching_at_once_never_both_win(admin: asyncpg.Connection) -> None:
+    """The reconciler's cancel and a late client's attach race on each of 20
+    payments: each ends either attached and pending or canceled without a
+    provider payment, never canceled with one."""
+    await wide_pool()
+    user_id = await new_user(admin)
+    racing = [(await create_pending_payment(user_id, "tokens_50", f"key-race-{n}"))[0] for n in range(20)]
+    await admin.execute("update payments set created_at = now() - interval '2 days'")
+    cut_off = await admin.fetchval("select now() - interval '1 day'")
+
+    async def attach(payment_id: UUID) -> bool:
+        try:
+            await attach_provider_payment(payment_id, f"pp-{payment_id}", None)
+        except Conflict:
+            return False
+        return True
+
+    attached = await asyncio.gather(
+        *(attach(p.id) for p in racing[::2]),
+        cancel_abandoned_payments(cut_off, limit=20),
+        *(attach(p.id) for p in racing[1::2]),
+    )
+    canceled = attached.pop(len(racing) // 2)
+    rows = await admin.fetch("select status, provider_payment_id from payments")
+    outcomes = sorted((row["status"], row["provider_payment_id"] is not None) for row in rows)
+    assert outcomes == sorted([("pending", True)] * sum(attached) + [("canceled", False)] * canceled)
+    assert sum(attached) + canceled == len(racing)
