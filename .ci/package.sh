@@ -24,6 +24,18 @@ started=$(date +%s)
 # update notices, no dashboard
 export SLS_TELEMETRY_DISABLED=1 SLS_NOTIFICATIONS_MODE=off SLS_INTERACTIVE_SETUP_DISABLE=1
 
+# the build strips the wheels' shared objects with binutils' `strip` (47 MB
+# unstripped against Lambda's 50 MB limit; the packaging tests refuse an
+# unstripped one): gcc brings it, a bare machine may lack both
+if ! command -v strip >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    echo "--- installing binutils (strip) for the artifact's shared objects"
+    as_root=""
+    [ "$(id -u)" -eq 0 ] || as_root="sudo -n"
+    { $as_root apt-get update -qq &&
+        $as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq binutils >/dev/null; } ||
+        echo "binutils could not be installed: the artifact's shared objects stay unstripped" >&2
+fi
+
 echo "--- building the Lambda artifact"
 # the artifact's bytecode needs a CPython of the runtime's version (the build
 # runs `uv python install` for one when the machine has none): an artifact
