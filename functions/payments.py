@@ -160,9 +160,11 @@ async def create_payment(request: Request) -> Response:
     payment left without YooKassa's answer for a day was abandoned: start a
     new one with a new key. `amount` is in minor units.
     """
-    user = await current_user(request)
+    # the input first: a new device's first sight writes its user and bonus,
+    # which a request refused for its body must not do
     body = await read_json(request, CreatePayment)
     key = idempotency_key(request) or f"auto:{uuid4()}"
+    user = await current_user(request)
     try:
         payment, _ = await payments.create_pending_payment(user.id, body.package_id, key)
     except InvalidRequest as exc:

@@ -8,8 +8,10 @@ one statement (repositories.users.get_balance_and_plan).
 Linking moves an anonymous device's account into the signed-in Clerk
 account; the device id then answers 403 `device_linked` on its own. The
 device's entry in this process's identity cache is dropped at once; another
-warm process may act for the old device user until its entry expires (30 s),
-which moves nothing: the tokens already left that wallet.
+warm process may act for the old device user until its entry expires (30 s).
+It can only read there: a spend and a new payment are refused in their own
+statements (403 `device_linked`), so no token can go into or out of the
+wallet the device left behind.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from database import Conflict, Executor, InvalidRequest, NotFound, invalidate_balance, sql
+from database import Conflict, DeviceLinked, Executor, InvalidRequest, NotFound, invalidate_balance, sql
 from database.model import Model
 
 PROVIDER_STATUSES = ("pending", "waiting_for_capture", "succeeded", "canceled")
@@ -92,16 +92,33 @@ package as (
      where id = $2
        and active
 ),
+payer as (
+    -- A device linked into an account must not buy: its payments moved with
+    -- the link, and a credit to the device's wallet could never be used.
+    -- The share lock conflicts with the link's lock on the user: a payment
+    -- committed first is moved by the link; a link committed first is seen
+    -- here (the locked row is re-read) and nothing is inserted.
+    select id
+      from users
+     where id = $1
+       and linked_to_user_id is null
+       for share
+),
 inserted as (
     insert into payments (user_id, package_id, amount, currency, tokens, idempotency_key)
-    select $1, package.id, package.amount, package.currency, package.tokens, $3
-      from package
+    select payer.id, package.id, package.amount, package.currency, package.tokens, $3
+      from package, payer
      where not exists (select 1 from existing)
     returning *
 )
 select *, true as created from inserted
 union all
 select *, false as created from existing
+"""
+
+LINKED_TO = """
+-- name: linked_to
+select linked_to_user_id from users where id = $1
 """
 
 ATTACH_PROVIDER_PAYMENT = """
@@ -384,7 +401,9 @@ async def create_pending_payment(
 
     An unknown or retired package raises InvalidRequest("unknown package"):
     the client asked for something that cannot be bought, a 4xx
-    invalid_request, not a missing resource of its own.
+    invalid_request, not a missing resource of its own. A device linked into
+    an account (even by a link that commits while this runs) raises
+    DeviceLinked: nothing it bought could reach the account.
     """
     try:
         row = await db.fetchrow(CREATE_PENDING_PAYMENT, user_id, package_id, idempotency_key)
@@ -394,6 +413,9 @@ async def create_pending_payment(
         # a concurrent first request committed the key: now we see its payment
         row = await db.fetchrow(CREATE_PENDING_PAYMENT, user_id, package_id, idempotency_key)
     if row is None:
+        # rare enough for a second statement: which of the two refusals
+        if await db.fetchval(LINKED_TO, user_id) is not None:
+            raise DeviceLinked("This device was linked into an account; sign in to that account")
         raise InvalidRequest("unknown package", details={"package_id": package_id})
     return _payment(row), bool(row["created"])
 

@@ -196,6 +196,9 @@ async def test_a_bad_body_is_refused_before_anything_is_written(
     response = await invoke(payments.handler, event)
     assert (response.status, response.body["error"]) == (status, "invalid_request")
     assert await payment_count(admin) == 0 and fake.requests == []
+    # not even the new device's user, its welcome bonus or its signup slot
+    assert await admin.fetchval("select count(*) from users where device_id = 'device-badbody1'") == 0
+    assert await admin.fetchval("select count(*) from token_transactions") == 0
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -413,6 +413,50 @@ async def test_linked_device_can_no_longer_act_alone(admin: asyncpg.Connection) 
         await users.get_or_create_device_user("device-alone-0001", None, LIMIT)
 
 
+async def test_a_linked_device_cannot_start_a_payment(admin: asyncpg.Connection) -> None:
+    """Another Lambda may still hold the device's identity in its cache: the
+    statement itself refuses, so nothing can be paid into the device's wallet."""
+    account = await users.get_or_create_clerk_user("user_link_nopay")
+    device = await users.get_or_create_device_user("device-nopay-0001", None, LIMIT)
+    await users.link_device(account.id, "device-nopay-0001")
+    with pytest.raises(DeviceLinked):
+        await payments.create_pending_payment(device.id, "tokens_50", "after-link")
+    assert await admin.fetchval("select count(*) from payments") == 0
+
+
+async def test_payments_started_while_linking_all_reach_the_account(
+    admin: asyncpg.Connection, many_connections: None
+) -> None:
+    """Twenty devices each link while starting a payment: whichever commits
+    first, no payment is left with a linked device, where its tokens could
+    never be used."""
+    account = await users.get_or_create_clerk_user("user_link_paying")
+    devices = [await users.get_or_create_device_user(f"device-paying-{n:04}", None, LIMIT) for n in range(20)]
+
+    async def buy(device_id: UUID) -> bool:
+        try:
+            await payments.create_pending_payment(device_id, "tokens_50", "while-linking")
+        except DeviceLinked:
+            return False
+        return True
+
+    outcomes = await asyncio.gather(
+        *(
+            step
+            for n, device in enumerate(devices)
+            for step in (
+                (buy(device.id), users.link_device(account.id, device.device_id or ""))
+                if n % 2
+                else (users.link_device(account.id, device.device_id or ""), buy(device.id))
+            )
+        )
+    )
+    bought = sum(outcome for outcome in outcomes if isinstance(outcome, bool))
+    owners = [row["user_id"] for row in await admin.fetch("select user_id from payments")]
+    assert owners == [account.id] * bought
+    assert await db.audit_problems(admin) == []
+
+
 async def test_linking_again_is_a_no_op_reporting_the_first_move(admin: asyncpg.Connection) -> None:
     account = await users.get_or_create_clerk_user("user_link_twice")
     device = await users.get_or_create_device_user("device-twice-0001", None, LIMIT)
