@@ -133,6 +133,7 @@ class FakeYooKassa:
             routes=[
                 Route("/v3/payments", self._create_payment, methods=["POST"]),
                 Route("/v3/payments/{payment_id}", self._get_payment, methods=["GET"]),
+                Route("/v3/refunds", self._list_refunds, methods=["GET"]),
                 Route("/v3/refunds/{refund_id}", self._get_refund, methods=["GET"]),
                 Route("/_fake/payments/{payment_id}/{action}", self._control, methods=["POST"]),
                 Route("/_fake/mode", self._mode, methods=["POST"]),
@@ -367,6 +368,37 @@ class FakeYooKassa:
         if refund is None:
             return _error(404, "not_found", "Refund not found")
         return JSONResponse(refund)
+
+    async def _list_refunds(self, request: Request) -> Response:
+        """GET /v3/refunds as YooKassa lists: newest first, filtered by
+        `created_at.gte` and `status`, `limit` (1-100, default 10) a page, and
+        `next_cursor` while more follow (here the position of the next item)."""
+        refused = await self._api_gate(request)
+        if refused is not None:
+            return refused
+        query = request.query_params
+        try:
+            limit = int(query.get("limit", "10"))
+            start = int(query.get("cursor", "0"))
+            since = query.get("created_at.gte")
+            since_at = datetime.fromisoformat(since.replace("Z", "+00:00")) if since else None
+            if not 1 <= limit <= 100 or start < 0:
+                raise ValueError("limit or cursor out of range")
+        except ValueError as exc:
+            return _error(400, "invalid_request", f"Invalid list parameters: {exc}")
+        matching = [
+            refund
+            for refund in sorted(self.refunds.values(), key=lambda refund: refund["created_at"], reverse=True)
+            if (
+                since_at is None
+                or datetime.fromisoformat(refund["created_at"].replace("Z", "+00:00")) >= since_at
+            )
+            and query.get("status") in (None, refund["status"])
+        ]
+        body: dict[str, Any] = {"type": "list", "items": matching[start : start + limit]}
+        if start + limit < len(matching):
+            body["next_cursor"] = str(start + limit)
+        return JSONResponse(body)
 
     # -------------------------------------------------------------- control
 

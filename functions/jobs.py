@@ -13,11 +13,14 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from database import DreamLensError
 from functions import metrics, runtime
 from repositories import audit, generations, payments, subscriptions, usage
+
+if TYPE_CHECKING:
+    from functions.yookassa import YooKassaClient
 
 log = logging.getLogger("dreamlens.jobs")
 
@@ -83,6 +86,11 @@ async def reconcile_payments(now: datetime | None = None, stop_at: float | None 
     Idempotence-Key window, within which a client's repeat still meets the
     payment YooKassa may have made). Nobody was shown a page to pay them.
 
+    Refunds are reconciled too: YooKassa lists the succeeded refunds of the
+    last PAYMENT_REFUND_LOOKBACK_MINUTES (default 4,320: three days, so a
+    few failed runs lose nothing), and any not applied here (its
+    notification lost) is applied, taking its tokens back.
+
     `stop_at` (time.monotonic()) ends the run early, before the Lambda's own
     timeout would cut a payment off mid-way; the next run takes the rest."""
     from functions import payment_sync
@@ -106,10 +114,46 @@ async def reconcile_payments(now: datetime | None = None, stop_at: float | None 
             log.warning("reconcile of payment %s failed: %s", payment.id, exc.code)
             continue
         changed += int(result.changed)
+    refunds = 0
+    if stop_at is None or time.monotonic() < stop_at:
+        try:
+            refunds = await _reconcile_refunds(client, now, stop_at)
+        except DreamLensError as exc:
+            failed += 1
+            log.warning("reconcile of refunds failed: %s", exc.code)
     metrics.emit(
-        {"PaymentsReconciled": changed, "PaymentReconcileFailures": failed, "PaymentsAbandoned": abandoned}
+        {
+            "PaymentsReconciled": changed,
+            "PaymentReconcileFailures": failed,
+            "PaymentsAbandoned": abandoned,
+            "RefundsReconciled": refunds,
+        }
     )
-    return {"checked": checked, "changed": changed, "failed": failed, "abandoned": abandoned}
+    return {
+        "checked": checked,
+        "changed": changed,
+        "failed": failed,
+        "abandoned": abandoned,
+        "refunds": refunds,
+    }
+
+
+async def _reconcile_refunds(client: YooKassaClient, now: datetime, stop_at: float | None) -> int:
+    """Apply the recent succeeded refunds whose notifications never arrived; how many."""
+    from functions import payment_sync
+
+    since = now - _minutes("PAYMENT_REFUND_LOOKBACK_MINUTES", 4320)
+    listed = await client.succeeded_refunds_since(since)
+    applied = await payments.applied_refunds([refund.id for refund in listed])
+    reconciled = 0
+    for refund in listed:
+        if refund.id in applied:
+            continue
+        if stop_at is not None and time.monotonic() >= stop_at:
+            break
+        result = await payment_sync.apply_refund(client, refund)
+        reconciled += int(result.changed)
+    return reconciled
 
 
 JOBS: dict[str, Job] = {

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from functions import metrics
-from functions.yookassa import YooKassaClient
+from functions.yookassa import ProviderRefund, YooKassaClient
 from repositories import payments
 from repositories.payments import ApplyResult
 
@@ -48,7 +48,12 @@ async def sync_refund(client: YooKassaClient, provider_refund_id: str) -> ApplyR
     When the payment's own success was never applied here (its notification
     was lost), that is applied first, so the refund has tokens to take back.
     """
-    refund = await client.get_refund(provider_refund_id)
+    return await apply_refund(client, await client.get_refund(provider_refund_id))
+
+
+async def apply_refund(client: YooKassaClient, refund: ProviderRefund) -> ApplyResult:
+    """Apply a refund as YooKassa's API gave it (re-read, or listed by the
+    reconciler); only a succeeded one changes anything."""
     if refund.status != "succeeded":
         return UNCHANGED
     local = await payments.get_payment_by_provider_id(refund.payment_id)

@@ -43,6 +43,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 from urllib.parse import quote
@@ -65,6 +66,9 @@ BACKOFF_SECONDS = 0.2
 DEADLINE_SECONDS = 27.0
 # the provider truncates nothing: longer descriptions are refused
 MAX_DESCRIPTION = 128
+# listing refunds: YooKassa's largest page, and a bound on one run's pages
+REFUND_PAGE_SIZE = 100
+MAX_REFUND_PAGES = 50
 
 # YooKassa's published notification sources
 # (https://yookassa.ru/developers/using-api/webhooks, "IP addresses")
@@ -422,29 +426,47 @@ class YooKassaClient:
     async def get_refund(self, provider_refund_id: str) -> ProviderRefund:
         """GET /refunds/{id}: what the webhook re-reads before applying a refund."""
         path = f"refunds/{quote(_provider_id(provider_refund_id, 'refund id'), safe='')}"
-        data = await self._request("GET", path)
-        try:
-            amount, currency = parse_amount(data.get("amount"))
-            return ProviderRefund(
-                id=data["id"],
-                payment_id=data["payment_id"],
-                status=data["status"],
-                amount=amount,
-                currency=currency,
-            )
-        except (KeyError, TypeError, ValueError, InvalidRequest) as exc:
-            raise ProviderUnavailable("YooKassa answered with an unexpected refund") from exc
+        return _provider_refund(await self._request("GET", path))
+
+    async def succeeded_refunds_since(self, since: datetime) -> list[ProviderRefund]:
+        """GET /refunds: every succeeded refund created at or after `since`,
+        page by page (at most MAX_REFUND_PAGES of REFUND_PAGE_SIZE): what the
+        reconciler checks against the refunds it has applied."""
+        params = {
+            "created_at.gte": since.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "status": "succeeded",
+            "limit": str(REFUND_PAGE_SIZE),
+        }
+        refunds: list[ProviderRefund] = []
+        for _ in range(MAX_REFUND_PAGES):
+            page = await self._request("GET", "refunds", params=params)
+            items = page.get("items")
+            if not isinstance(items, list):
+                raise ProviderUnavailable("YooKassa answered with an unexpected list of refunds")
+            refunds += [_provider_refund(item) for item in items]
+            cursor = page.get("next_cursor")
+            if not cursor:
+                return refunds
+            params["cursor"] = str(cursor)
+        log.warning("yookassa: more than %d refunds since %s; the rest wait", len(refunds), since)
+        return refunds
 
     async def _request(
-        self, method: str, path: str, *, body: dict[str, Any] | None = None, key: str | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        body: dict[str, Any] | None = None,
+        key: str | None = None,
+        params: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         ends = _budget_ends.get()
         if ends is None:
-            return await self._attempts(method, path, body, key)
+            return await self._attempts(method, path, body, key, params)
         budget = asyncio.timeout_at(ends)
         try:
             async with budget:
-                return await self._attempts(method, path, body, key)
+                return await self._attempts(method, path, body, key, params)
         except TimeoutError as exc:
             if not budget.expired():
                 raise
@@ -452,7 +474,12 @@ class YooKassaClient:
             raise ProviderUnavailable("YooKassa did not answer in time") from exc
 
     async def _attempts(
-        self, method: str, path: str, body: dict[str, Any] | None, key: str | None
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None,
+        key: str | None,
+        params: dict[str, str] | None,
     ) -> dict[str, Any]:
         # repeating is safe only where the provider says so: a GET, or a POST
         # under the same Idempotence-Key
@@ -464,7 +491,9 @@ class YooKassaClient:
             attempt += 1
             cause: Exception | None = None
             try:
-                response = await self._client().request(method, path, json=body, headers=headers)
+                response = await self._client().request(
+                    method, path, json=body, headers=headers, params=params
+                )
             except httpx.TransportError as exc:
                 cause = exc
                 failure = ProviderUnavailable(f"YooKassa unreachable: {type(exc).__name__}")
@@ -520,6 +549,22 @@ def _refused(response: httpx.Response) -> InvalidRequest:
             "parameter": error.get("parameter"),
         },
     )
+
+
+def _provider_refund(data: object) -> ProviderRefund:
+    if not isinstance(data, dict):
+        raise ProviderUnavailable("YooKassa answered with an unexpected refund")
+    try:
+        amount, currency = parse_amount(data.get("amount"))
+        return ProviderRefund(
+            id=data["id"],
+            payment_id=data["payment_id"],
+            status=data["status"],
+            amount=amount,
+            currency=currency,
+        )
+    except (KeyError, TypeError, ValueError, InvalidRequest) as exc:
+        raise ProviderUnavailable("YooKassa answered with an unexpected refund") from exc
 
 
 def _provider_payment(data: dict[str, Any]) -> ProviderPayment:

@@ -369,6 +369,13 @@ update payments p
 returning p.id
 """
 
+APPLIED_REFUNDS = """
+-- name: applied_refunds
+select provider_refund_id
+  from payment_refunds
+ where provider_refund_id = any($1::text[])
+"""
+
 OPEN_PAYMENTS = """
 -- name: open_payments
 -- the reconciler's question (served by payments_open_created_at_idx): which
@@ -539,3 +546,11 @@ async def cancel_abandoned_payments(older_than: datetime, limit: int = 100, db: 
     if not 1 <= limit <= MAX_OPEN_PAYMENTS:
         raise InvalidRequest(f"limit must be between 1 and {MAX_OPEN_PAYMENTS}")
     return len(await db.fetch(CANCEL_ABANDONED_PAYMENTS, older_than, limit))
+
+
+async def applied_refunds(provider_refund_ids: list[str], db: Executor = sql) -> set[str]:
+    """Which of these provider refunds have been applied here already."""
+    if not provider_refund_ids:
+        return set()
+    rows = await db.fetch(APPLIED_REFUNDS, provider_refund_ids)
+    return {row["provider_refund_id"] for row in rows}

@@ -279,8 +279,20 @@ async def test_a_payment_yookassa_never_made_is_abandoned_after_a_day_and_never_
     def reconcile() -> Any:
         return jobs.reconcile_payments()
 
-    assert await lambda_runtime.run(reconcile) == {"checked": 0, "changed": 0, "failed": 0, "abandoned": 1}
-    assert await lambda_runtime.run(reconcile) == {"checked": 0, "changed": 0, "failed": 0, "abandoned": 0}
+    assert await lambda_runtime.run(reconcile) == {
+        "checked": 0,
+        "changed": 0,
+        "failed": 0,
+        "abandoned": 1,
+        "refunds": 0,
+    }
+    assert await lambda_runtime.run(reconcile) == {
+        "checked": 0,
+        "changed": 0,
+        "failed": 0,
+        "abandoned": 0,
+        "refunds": 0,
+    }
     rows = {row["idempotency_key"]: row for row in await admin.fetch("select * from payments")}
     assert (rows["given-up"]["status"], rows["given-up"]["provider_payment_id"]) == ("canceled", None)
     assert rows["still-trying"]["status"] == "pending"

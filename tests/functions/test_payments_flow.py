@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from database import config, pool
-from functions import jobs
+from functions import jobs, yookassa
 from functions.fake_yookassa import FakeYooKassa
 from functions.yookassa import close_default_client
 from repositories.audit import find_violations
@@ -54,9 +54,15 @@ async def fake(
     await pool.close_pool()
 
 
-def run(checked: int, changed: int, failed: int, abandoned: int = 0) -> dict[str, int]:
+def run(checked: int, changed: int, failed: int, abandoned: int = 0, refunds: int = 0) -> dict[str, int]:
     """What a reconciler run reports."""
-    return {"checked": checked, "changed": changed, "failed": failed, "abandoned": abandoned}
+    return {
+        "checked": checked,
+        "changed": changed,
+        "failed": failed,
+        "abandoned": abandoned,
+        "refunds": refunds,
+    }
 
 
 async def provider_id(admin: asyncpg.Connection, payment_id: str) -> str:
@@ -150,7 +156,8 @@ async def test_the_reconciler_survives_yookassa_down_and_credits_on_the_next_run
     await fake.succeed(await provider_id(admin, created["id"]))
     later = datetime.now(UTC) + timedelta(minutes=30)
     fake.go_down()
-    assert await jobs.reconcile_payments(now=later) == run(1, 0, 1)
+    # the payment's check failed, and so did the listing of refunds
+    assert await jobs.reconcile_payments(now=later) == run(1, 0, 2)
     fake.recover()
     assert await jobs.reconcile_payments(now=later) == run(1, 1, 0)
     assert await db.balance(admin, await buyer(admin, "device-flow-down1")) == 55
@@ -170,3 +177,74 @@ async def test_the_reconciler_stops_before_its_deadline_and_the_next_run_goes_on
     next_run = await jobs.reconcile_payments(now=later, stop_at=time.monotonic() + 60)
     assert next_run == run(1, 1, 0)
     assert await db.balance(admin, await buyer(admin, "device-flow-late1")) == 5 + 50
+
+
+# ------------------------------------------------------- refunds reconciled
+
+
+async def reversals(admin: asyncpg.Connection, user_id: UUID) -> list[int]:
+    return [row["amount"] for row in await db.ledger(admin, user_id) if row["type"] == "reversal"]
+
+
+async def test_a_refund_whose_notification_never_arrives_is_taken_back_by_the_reconciler_once(
+    fake: FakeYooKassa, http: httpx.AsyncClient, admin: asyncpg.Connection
+) -> None:
+    created = await create(http, "device-flow-refund1", "tokens_200")
+    paid = await provider_id(admin, created["id"])
+    await fake.succeed(paid)
+    later = datetime.now(UTC) + timedelta(minutes=30)
+    assert await jobs.reconcile_payments(now=later) == run(1, 1, 0)
+    user_id = await buyer(admin, "device-flow-refund1")
+    assert await db.balance(admin, user_id) == 5 + 200
+
+    await fake.refund(paid, 29900)  # the whole payment; notification lost
+    first, second = await asyncio.gather(
+        jobs.reconcile_payments(now=later), jobs.reconcile_payments(now=later)
+    )
+    assert first["refunds"] + second["refunds"] == 1
+    assert await db.balance(admin, user_id) == 5
+    assert await reversals(admin, user_id) == [-200]
+    assert (await payment_row(admin, created["id"]))["status"] == "refunded"
+    assert await jobs.reconcile_payments(now=later) == run(0, 0, 0)
+
+
+async def test_lost_success_and_lost_partial_refunds_over_several_pages_all_reach_the_books(
+    fake: FakeYooKassa, http: httpx.AsyncClient, admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nothing was delivered: the payment's success and three partial refunds,
+    listed two a page. The run credits the payment, then takes back what the
+    refunds pay for."""
+    monkeypatch.setattr(yookassa, "REFUND_PAGE_SIZE", 2)
+    created = await create(http, "device-flow-refund2", "tokens_200")
+    paid = await provider_id(admin, created["id"])
+    await fake.succeed(paid)
+    for _ in range(3):  # three quarters of 299.00 RUB
+        await fake.refund(paid, 7475)
+    later = datetime.now(UTC) + timedelta(minutes=30)
+    assert await jobs.reconcile_payments(now=later) == run(1, 1, 0, refunds=3)
+    assert len(fake.requests_to("GET", "/v3/refunds")) == 2
+    user_id = await buyer(admin, "device-flow-refund2")
+    assert sorted(await reversals(admin, user_id)) == [-50, -50, -50]
+    assert await db.balance(admin, user_id) == 5 + 50
+    assert (await payment_row(admin, created["id"]))["refunded_amount"] == 3 * 7475
+
+
+async def test_refunds_are_listed_only_within_the_lookback_and_a_failed_listing_is_retried(
+    fake: FakeYooKassa, http: httpx.AsyncClient, admin: asyncpg.Connection
+) -> None:
+    created = await create(http, "device-flow-refund3")
+    paid = await provider_id(admin, created["id"])
+    await fake.succeed(paid)
+    later = datetime.now(UTC) + timedelta(minutes=30)
+    await jobs.reconcile_payments(now=later)
+    await fake.refund(paid, 9900)
+    user_id = await buyer(admin, "device-flow-refund3")
+
+    # four days on, the refund is older than the three-day lookback
+    assert await jobs.reconcile_payments(now=later + timedelta(days=4)) == run(0, 0, 0)
+    fake.go_down()
+    assert await jobs.reconcile_payments(now=later) == run(0, 0, 1)  # the listing
+    assert await db.balance(admin, user_id) == 5 + 50
+    fake.recover()
+    assert await jobs.reconcile_payments(now=later) == run(0, 0, 0, refunds=1)
+    assert await db.balance(admin, user_id) == 5
