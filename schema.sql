@@ -210,6 +210,10 @@ create table if not exists payments (
     amount              bigint not null check (amount > 0),          -- minor units
     currency            text not null check (currency ~ '^[A-Z]{3}$'),
     tokens              integer not null check (tokens >= 0),
+    -- the plan and period a plan package was priced with (null for tokens):
+    -- the catalogue may change between the purchase and its credit or refund
+    plan                text references plans (id),
+    period_days         integer check (period_days > 0),
     confirmation_url    text,
     idempotency_key     text check (length(idempotency_key) between 1 and 200),
     refunded_amount     bigint not null default 0 check (refunded_amount >= 0),
@@ -223,6 +227,7 @@ create table if not exists payments (
 
 create index if not exists payments_user_id_created_at_idx on payments (user_id, created_at desc);
 create index if not exists payments_package_id_idx on payments (package_id);
+create index if not exists payments_plan_idx on payments (plan);
 -- the reconciler asks the provider about payments still open after a while
 create index if not exists payments_open_created_at_idx
     on payments (created_at) where status in ('pending', 'waiting_for_capture');
@@ -240,6 +245,29 @@ create table if not exists payment_refunds (
 );
 
 create index if not exists payment_refunds_payment_id_idx on payment_refunds (payment_id);
+
+-- A payment keeps the plan and period its package had when it was made, as
+-- it keeps its amount and tokens: the catalogue may change (without a
+-- deploy) between a purchase and its credit or refund. Filled here rather
+-- than by the insert so that every writer of payments gets it, code still
+-- running from before the columns existed included.
+create or replace function payments_keep_their_plan() returns trigger
+language plpgsql as $$
+begin
+    if new.plan is null then
+        select k.plan, k.period_days
+          into new.plan, new.period_days
+          from token_packages k
+         where k.id = new.package_id
+           and k.kind = 'plan';
+    end if;
+    return new;
+end
+$$;
+
+create or replace trigger trigger_payments_keep_their_plan
+    before insert on payments
+    for each row execute function payments_keep_their_plan();
 
 -- --------------------------------------------------------- the welcome bonus
 

@@ -105,6 +105,7 @@ payer as (
        for share
 ),
 inserted as (
+    -- the plan and period are copied too, by trigger_payments_keep_their_plan
     insert into payments (user_id, package_id, amount, currency, tokens, idempotency_key)
     select payer.id, package.id, package.amount, package.currency, package.tokens, $3
       from package, payer
@@ -184,7 +185,10 @@ with moved as (
     returning p.*
 ),
 purchase as (
-    select m.id as payment_id, m.user_id, m.tokens, k.kind, k.plan, k.period_days, k.description
+    -- what the payment was priced with, not the catalogue as it is now
+    select m.id as payment_id, m.user_id, m.tokens,
+           case when m.plan is null then 'tokens' else 'plan' end as kind,
+           m.plan, m.period_days, k.description
       from moved m
       join token_packages k on k.id = m.package_id
      where m.status = 'succeeded'
@@ -245,7 +249,8 @@ APPLY_REFUND = """
 -- Lock order (payment, then wallet) is the same as apply_provider_status's.
 with target as (
     select p.id, p.user_id, p.amount, p.tokens, p.refunded_amount,
-           k.kind, k.period_days, k.description
+           case when p.plan is null then 'tokens' else 'plan' end as kind,
+           p.period_days, k.description
       from payments p
       join token_packages k on k.id = p.package_id
      where p.provider_payment_id = $1

@@ -78,13 +78,17 @@ async def test_newer_migration_is_applied_once_in_order(
     fresh_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await init_database()
-    (tmp_path / "0002_add_marker.sql").write_text(
+    # the shipped migrations, then a new one after them
+    for shipped in migrations_module.known_migrations()[1:]:
+        (tmp_path / shipped.name).write_text(shipped.text())
+    name = f"{migrations_module.known_migrations()[-1].version + 1:04}_add_marker.sql"
+    (tmp_path / name).write_text(
         "create table if not exists migration_marker (id int primary key);"
         "insert into migration_marker values (2) on conflict do nothing;"
     )
     monkeypatch.setattr(migrations_module, "MIGRATIONS_DIR", tmp_path)
     assert [s[2] for s in await migration_status()][-1] == "pending"
-    assert await init_database() == ["0002_add_marker.sql"]
+    assert await init_database() == [name]
     assert await init_database() == []
     assert await sql.fetchval("select count(*) from migration_marker") == 1
     assert all(state.startswith("applied") for _, _, state in await migration_status())
@@ -95,3 +99,21 @@ async def test_badly_named_migration_is_refused(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(migrations_module, "MIGRATIONS_DIR", tmp_path)
     with pytest.raises(ValueError, match="NNNN_description"):
         migrations_module.known_migrations()
+
+
+async def test_0002_gives_payments_made_before_it_their_plan(admin: asyncpg.Connection) -> None:
+    """Run again over payments written without plan columns filled (as
+    before it): plan payments get their package's plan, token packs none."""
+    user_id = await admin.fetchval("insert into users (device_id) values ('device-mig-0002') returning id")
+    for package_id in ("pro_month", "tokens_50"):
+        await admin.execute(
+            "insert into payments (user_id, package_id, amount, currency, tokens)"
+            " values ($1, $2, 100, 'RUB', 1)",
+            user_id,
+            package_id,
+        )
+    await admin.execute("update payments set plan = null, period_days = null")
+    [migration] = [m for m in migrations_module.known_migrations() if m.version == 2]
+    await admin.execute(migration.text())
+    rows = await admin.fetch("select package_id, plan, period_days from payments order by package_id")
+    assert [tuple(row) for row in rows] == [("pro_month", "pro", 30), ("tokens_50", None, None)]

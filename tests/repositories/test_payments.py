@@ -309,6 +309,43 @@ async def test_plan_package_activates_the_plan_and_a_second_extends_it(admin: as
     assert await db.audit_problems(admin) == []
 
 
+async def test_a_plan_is_granted_and_refunded_as_it_was_priced_whatever_the_catalogue_says_since(
+    admin: asyncpg.Connection,
+) -> None:
+    """The operator reworks pro_month (another plan, 7 days) while a payment
+    for it is open: the payer still gets the Pro plan for 30 days they paid
+    for, and a half refund takes back 15 of those days."""
+    user_id = await new_user(admin)
+    payment = await attached_payment(user_id, "pro_month")
+    await admin.execute("update token_packages set plan = 'premium', period_days = 7 where id = 'pro_month'")
+    await apply_provider_status(payment.provider_payment_id or "", "succeeded")
+    [plan] = await subscription(admin, user_id)
+    assert (plan["plan"], plan["status"]) == ("pro", "active")
+    assert 30 * DAY - 60 < float(plan["seconds_left"]) <= 30 * DAY  # type: ignore[arg-type]
+
+    await admin.execute(
+        "update token_packages set kind = 'tokens', plan = null, period_days = null where id = 'pro_month'"
+    )
+    await apply_refund(payment.provider_payment_id or "", "rf-half-reworked", 24950)
+    [plan] = await subscription(admin, user_id)
+    assert 15 * DAY - 60 < float(plan["seconds_left"]) <= 15 * DAY  # type: ignore[arg-type]
+    assert await db.audit_problems(admin) == []
+
+
+async def test_every_writer_of_payments_records_the_plan_priced(admin: asyncpg.Connection) -> None:
+    """An insert that names no plan (code from before the columns) gets the
+    package's; a tokens package has none."""
+    user_id = await new_user(admin)
+    for package_id, expected in (("premium_month", ("premium", 30)), ("tokens_50", (None, None))):
+        row = await admin.fetchrow(
+            "insert into payments (user_id, package_id, amount, currency, tokens)"
+            " values ($1, $2, 100, 'RUB', 1) returning plan, period_days",
+            user_id,
+            package_id,
+        )
+        assert (row["plan"], row["period_days"]) == expected
+
+
 async def test_expired_plan_is_renewed_from_now_not_from_its_old_end(admin: asyncpg.Connection) -> None:
     user_id = await new_user(admin)
     await admin.execute(
