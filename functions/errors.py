@@ -9,6 +9,7 @@ log, never to the client).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Any
@@ -119,6 +120,16 @@ def log_unexpected(exc: BaseException) -> None:
     log.error("unhandled %s", type(exc).__name__, exc_info=exc)
 
 
+class ErrorJSON(JSONResponse):
+    """An error body with every non-ASCII character escaped. Its details may
+    name a key of the caller's JSON body, and a key holding a lone surrogate
+    (`{"\\ud800": 1}` is valid JSON) cannot be written as UTF-8: the plain
+    JSONResponse would fail, turning a 422 into a 500."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error_response(exc: BaseException, extra: dict[str, Any] | None = None) -> JSONResponse:
     """The response for any exception; logs the ones that are bugs."""
     status = status_for(exc)
@@ -127,7 +138,7 @@ def error_response(exc: BaseException, extra: dict[str, Any] | None = None) -> J
     body = error_body(exc)
     if extra:
         body = {**extra, **body}
-    return JSONResponse(body, status_code=status, headers=error_headers(exc))
+    return ErrorJSON(body, status_code=status, headers=error_headers(exc))
 
 
 def http_code(status: int) -> str:
@@ -142,4 +153,4 @@ def http_error_response(exc: HTTPException) -> JSONResponse:
     status = exc.status_code
     code = http_code(status)
     message = INTERNAL_MESSAGE if status >= 500 else (exc.detail or "Request failed")
-    return JSONResponse({"error": code, "message": message}, status_code=status, headers=exc.headers)
+    return ErrorJSON({"error": code, "message": message}, status_code=status, headers=exc.headers)

@@ -3,7 +3,7 @@
     body = await read_json(request, CreateGeneration)   # 400 unreadable, 422 invalid
     limit, before = page_params(request, cursor=UUID)   # 422 for anything else
     no_query_params(request)                            # 422 for any query parameter
-    key = idempotency_key(request)                      # None, or 1-200 printable ASCII
+    key = idempotency_key(request)                      # None, or 1-200 printable ASCII, no comma
     return json_response(generation, status=201)
 
 Request models derive from `RequestModel`: unknown fields and over-long
@@ -180,7 +180,8 @@ def _cursor(raw: str, cursor: type[C]) -> C:
         except ValueError as exc:
             raise _query_error("before", "must be a UUID", "uuid_parsing") from exc
     if cursor is int:
-        if not raw.isascii() or not raw.isdigit() or int(raw) > MAX_BIGINT:
+        # the length first: int() refuses more than 4,300 digits with a ValueError
+        if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_BIGINT:
             raise _query_error("before", "must be a positive integer id", "int_parsing")
         return int(raw)  # type: ignore[return-value]
     if not 1 <= len(raw) <= 200 or "\x00" in raw:
@@ -229,13 +230,17 @@ def _header_error(name: str, message: str, kind: str) -> InvalidRequest:
 
 def idempotency_key(request: Request) -> str | None:
     """The `Idempotency-Key` header: None when absent, else 1-200 printable ASCII
-    characters (422 otherwise)."""
+    characters without a comma (422 otherwise)."""
     values = request.headers.getlist("idempotency-key")
     if not values:
         return None
     if len(values) > 1:
         raise _header_error("Idempotency-Key", "is given more than once", "duplicate")
     key = values[0]
+    if "," in key:
+        # API Gateway joins a repeated header's values with commas: a key sent
+        # twice arrives as "k,k" and must not pass for a new key
+        raise _header_error("Idempotency-Key", "is given more than once (or holds a comma)", "duplicate")
     if not IDEMPOTENCY_KEY.fullmatch(key) or not key.strip():
         raise _header_error(
             "Idempotency-Key", "must be 1-200 printable ASCII characters", "string_pattern_mismatch"

@@ -111,8 +111,11 @@ async def payment_webhook(request: Request) -> Response:
         _count("untrusted")
         log.warning("webhook call from %s, outside YooKassa's networks: refused", ip)
         raise Forbidden("Notifications are accepted from YooKassa's networks only")
+    # read outside the try: a body over the limit is 413 (PayloadTooLarge is
+    # an InvalidRequest too), not a malformed notification
+    body = await request.body()
     try:
-        notification = parse_notification(await request.body())
+        notification = parse_notification(body)
     except InvalidRequest as exc:
         _count("malformed")
         raise MalformedRequest(exc.message) from exc

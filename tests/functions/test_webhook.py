@@ -25,6 +25,7 @@ from tests.functions.lambda_events import EVENT_BUILDERS, LambdaContext, LambdaR
 from tests.functions.payment_support import (
     TRUSTED_IP,
     VERSIONS,
+    WEBHOOK,
     buy,
     capture_logs,
     configure_provider,
@@ -349,6 +350,28 @@ async def test_a_malformed_notification_is_400(
     assert (response.status, response.body["error"]) == (400, "invalid_request")
     assert fake.requests == []
     assert webhook_outcomes(caplog) == ["malformed"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("declared", [True, False])
+async def test_an_oversized_notification_is_413_with_or_without_content_length(
+    version: str, declared: bool, fake: FakeYooKassa, caplog: pytest.LogCaptureFixture
+) -> None:
+    capture_logs(caplog)
+    body = b'{"type": "notification", "event": "payment.succeeded", "pad": "' + b"x" * 70_000 + b'"}'
+    event = EVENT_BUILDERS[version](
+        "POST",
+        WEBHOOK,
+        headers={"Content-Type": "application/json"},
+        body=body,
+        source_ip=TRUSTED_IP,
+        content_length=declared,
+    )
+    response = await invoke(webhook.handler, event)
+    assert (response.status, response.body["error"]) == (413, "invalid_request")
+    assert fake.requests == []
+    # too large is not malformed: the webhook's outcome metric stays clean
+    assert webhook_outcomes(caplog) == []
 
 
 async def test_the_webhook_takes_only_post(fake: FakeYooKassa) -> None:

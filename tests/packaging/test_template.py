@@ -125,6 +125,17 @@ def test_routes_and_schedules_are_those_of_serverless_yml(
     assert set(expected.values()) >= {"rate(1 minute)", "rate(5 minutes)", "rate(1 hour)", "rate(1 day)"}
 
 
+def test_browsers_may_send_every_header_the_api_reads(template: dict[str, Any]) -> None:
+    """The preflight must allow the identity and idempotency headers, and the
+    client must be able to read the request id and Retry-After."""
+    [api] = resources_of(template, "AWS::ApiGatewayV2::Api").values()
+    cors = api["Properties"]["CorsConfiguration"]
+    allowed = {header.lower() for header in cors["AllowHeaders"]}
+    assert {"authorization", "content-type", "x-device-id", "idempotency-key"} <= allowed
+    assert {"x-request-id", "retry-after"} <= {header.lower() for header in cors["ExposeHeaders"]}
+    assert {"GET", "POST"} <= set(cors["AllowMethods"])
+
+
 def test_iam_is_least_privilege(template: dict[str, Any], service: dict[str, Any]) -> None:
     stage = stage_of(template)
     roles = resources_of(template, "AWS::IAM::Role")

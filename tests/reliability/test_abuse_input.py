@@ -298,6 +298,9 @@ INVALID_TEXT = {
     "nul_in_quality": '{"prompt": "a cat", "quality": "hd\\u0000"}',
     "unknown_field": '{"prompt": "a cat", "cost": 0}',
     "duplicate_keys_last_wins_invalid": '{"prompt": "a cat", "prompt": ""}',
+    # keys the error's details name: they cannot be written as UTF-8
+    "lone_surrogate_key": '{"prompt": "a cat", "\\ud800": 1}',
+    "nul_and_surrogate_key": '{"prompt": "a cat", "\\u0000\\udfff": 1}',
 }
 
 
@@ -384,6 +387,11 @@ HOSTILE_HEADERS = {
     "device_id_sql": ({"X-Device-Id": "x' or 1=1 --"}, 401),
     "content_length_negative": ({"Content-Length": "-1"}, 400),
     "content_length_huge": ({"Content-Length": "99999999999999999999999"}, 413),
+    # more digits than Python's int() converts (4,300)
+    "content_length_4301_digits": ({"Content-Length": "9" * 4301}, 413),
+    # the same key sent twice, as API Gateway passes it on
+    "idempotency_key_repeated": ({"Idempotency-Key": "key-1,key-1"}, 422),
+    "idempotency_key_repeated_v1": ({"Idempotency-Key": "key-1, key-1"}, 422),
 }
 
 
