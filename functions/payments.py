@@ -35,7 +35,7 @@ from starlette.routing import Route
 from database import Conflict, InvalidRequest, ProviderUnavailable
 from database.model import Model
 from functions.app import build_app
-from functions.http import RequestModel, idempotency_key, json_response, read_json
+from functions.http import RequestModel, idempotency_key, json_response, no_query_params, read_json
 from functions.identity import current_user
 from functions.openapi import endpoint
 from repositories import packages, payments
@@ -136,13 +136,14 @@ async def _create_at_provider(request: Request, payment: Payment) -> Payment:
     return await payments.attach_provider_payment(payment.id, created.id, created.confirmation_url)
 
 
-@endpoint(auth="none", response=PackageList)
+@endpoint(auth="none", response=PackageList, errors=[422])
 async def list_packages(request: Request) -> Response:
     """What can be bought: token packs and plans.
 
     `amount` is in minor units of `currency` (kopecks for RUB: 9900 is
     99.00 RUB), exactly as stored; show it divided by 100.
     """
+    no_query_params(request)
     items = [PackageItem.model_validate(package.model_dump()) for package in await packages.list_packages()]
     return json_response(PackageList(items=items))
 
@@ -162,6 +163,7 @@ async def create_payment(request: Request) -> Response:
     """
     # the input first: a new device's first sight writes its user and bonus,
     # which a request refused for its body must not do
+    no_query_params(request)
     body = await read_json(request, CreatePayment)
     key = idempotency_key(request) or f"auto:{uuid4()}"
     user = await current_user(request)
@@ -181,9 +183,10 @@ async def create_payment(request: Request) -> Response:
     return json_response(_created(payment), status=201)
 
 
-@endpoint(auth="user", response=PaymentView)
+@endpoint(auth="user", response=PaymentView, errors=[422])
 async def get_payment(request: Request) -> Response:
     """One of the caller's payments; another user's answers 404."""
+    no_query_params(request)
     user = await current_user(request)
     payment_id: UUID = request.path_params["id"]
     return json_response(_view(await payments.get_payment(user.id, payment_id)))

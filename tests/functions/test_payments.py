@@ -202,6 +202,32 @@ async def test_a_bad_body_is_refused_before_anything_is_written(
 
 
 @pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/api/packages", None),
+        ("POST", "/api/payments", {"package_id": "tokens_50"}),
+        ("GET", "/api/payments/00000000-0000-4000-8000-000000000000", None),
+    ],
+)
+async def test_a_stray_query_parameter_is_422_and_writes_nothing(
+    version: str, method: str, path: str, body: Any, fake: FakeYooKassa, admin: asyncpg.Connection
+) -> None:
+    """`?package_id=premium_month` must not pass silently beside the body's."""
+    event = EVENT_BUILDERS[version](
+        method,
+        path,
+        headers=user_headers("device-stray-q1"),
+        body=body,
+        query={"package_id": "premium_month"},
+    )
+    response = await invoke(payments.handler, event)
+    assert (response.status, response.body["details"][0]["loc"]) == (422, ["query", "package_id"])
+    assert await payment_count(admin) == 0 and fake.requests == []
+    assert await admin.fetchval("select count(*) from users") == 0
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 async def test_creating_needs_a_caller(version: str, fake: FakeYooKassa, admin: asyncpg.Connection) -> None:
     headers = {"Content-Type": "application/json"}
     event = EVENT_BUILDERS[version](
