@@ -133,8 +133,9 @@ async def _timed(connection: Connection, method: str, query: str, args: tuple[An
 async def _attempt(work: Callable[[], Awaitable[T]]) -> T:
     try:
         return await work()
-    except asyncpg.UndefinedTableError:
-        # an empty database: create the schema once, then run again
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError):
+        # an empty database, or one this code reached before its migration
+        # (a deploy before `init-db`): apply what is missing once, run again
         await ensure_initialized()
         return await work()
 

@@ -117,10 +117,11 @@ async def reconcile_payments(now: datetime | None = None, stop_at: float | None 
     refunds = 0
     if stop_at is None or time.monotonic() < stop_at:
         try:
-            refunds = await _reconcile_refunds(client, now, stop_at)
+            refunds, refunds_failed = await _reconcile_refunds(client, now, stop_at)
+            failed += refunds_failed
         except DreamLensError as exc:
             failed += 1
-            log.warning("reconcile of refunds failed: %s", exc.code)
+            log.warning("listing refunds failed: %s", exc.code)
     metrics.emit(
         {
             "PaymentsReconciled": changed,
@@ -138,22 +139,31 @@ async def reconcile_payments(now: datetime | None = None, stop_at: float | None 
     }
 
 
-async def _reconcile_refunds(client: YooKassaClient, now: datetime, stop_at: float | None) -> int:
-    """Apply the recent succeeded refunds whose notifications never arrived; how many."""
+async def _reconcile_refunds(client: YooKassaClient, now: datetime, stop_at: float | None) -> tuple[int, int]:
+    """Apply the recent succeeded refunds whose notifications never arrived:
+    (how many were applied, how many failed and wait for the next run)."""
     from functions import payment_sync
 
     since = now - _minutes("PAYMENT_REFUND_LOOKBACK_MINUTES", 4320)
-    listed = await client.succeeded_refunds_since(since)
-    applied = await payments.applied_refunds([refund.id for refund in listed])
-    reconciled = 0
+    listed = await client.succeeded_refunds_since(since, stop_at)
+    applied, ours = await payments.applied_refunds_and_our_payments(
+        [refund.id for refund in listed], [refund.payment_id for refund in listed]
+    )
+    reconciled = failed = 0
     for refund in listed:
-        if refund.id in applied:
+        if refund.id in applied or refund.payment_id not in ours:
             continue
         if stop_at is not None and time.monotonic() >= stop_at:
             break
-        result = await payment_sync.apply_refund(client, refund)
+        try:
+            result = await payment_sync.apply_refund(client, refund)
+        except DreamLensError as exc:
+            # one refund that keeps failing must not hide the older ones
+            failed += 1
+            log.warning("reconcile of refund %s failed: %s", refund.id, exc.code)
+            continue
         reconciled += int(result.changed)
-    return reconciled
+    return reconciled, failed
 
 
 JOBS: dict[str, Job] = {

@@ -428,27 +428,47 @@ class YooKassaClient:
         path = f"refunds/{quote(_provider_id(provider_refund_id, 'refund id'), safe='')}"
         return _provider_refund(await self._request("GET", path))
 
-    async def succeeded_refunds_since(self, since: datetime) -> list[ProviderRefund]:
-        """GET /refunds: every succeeded refund created at or after `since`,
-        page by page (at most MAX_REFUND_PAGES of REFUND_PAGE_SIZE): what the
-        reconciler checks against the refunds it has applied."""
+    async def succeeded_refunds_since(
+        self, since: datetime, stop_at: float | None = None
+    ) -> list[ProviderRefund]:
+        """GET /refunds: the succeeded refunds created at or after `since`,
+        newest first, page by page: what the reconciler checks against the
+        refunds it has applied. No page is asked for once `stop_at`
+        (time.monotonic()) has passed, nor past MAX_REFUND_PAGES; a listed
+        refund that cannot be read is logged and left out, not allowed to hide
+        the others."""
         params = {
             "created_at.gte": since.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
             "status": "succeeded",
             "limit": str(REFUND_PAGE_SIZE),
         }
         refunds: list[ProviderRefund] = []
-        for _ in range(MAX_REFUND_PAGES):
+        for page_number in range(MAX_REFUND_PAGES):
+            if page_number and stop_at is not None and time.monotonic() >= stop_at:
+                log.warning("yookassa: refunds listed up to %d; out of time for the rest", len(refunds))
+                return refunds
             page = await self._request("GET", "refunds", params=params)
             items = page.get("items")
             if not isinstance(items, list):
                 raise ProviderUnavailable("YooKassa answered with an unexpected list of refunds")
-            refunds += [_provider_refund(item) for item in items]
+            for item in items:
+                try:
+                    refunds.append(_provider_refund(item))
+                except ProviderUnavailable:
+                    refund_id = item.get("id") if isinstance(item, dict) else None
+                    log.error("yookassa listed a refund that cannot be read (id %r): left out", refund_id)
             cursor = page.get("next_cursor")
             if not cursor:
                 return refunds
             params["cursor"] = str(cursor)
-        log.warning("yookassa: more than %d refunds since %s; the rest wait", len(refunds), since)
+        # newest first: what lies past the cap is the oldest, and no later run
+        # reaches it either while this many newer ones are listed
+        log.error(
+            "yookassa: more than %d refunds since %s; older ones are not checked: shorten "
+            "PAYMENT_REFUND_LOOKBACK_MINUTES",
+            len(refunds),
+            since,
+        )
         return refunds
 
     async def _request(

@@ -374,11 +374,17 @@ update payments p
 returning p.id
 """
 
-APPLIED_REFUNDS = """
--- name: applied_refunds
-select provider_refund_id
+APPLIED_AND_OURS = """
+-- name: applied_refunds_and_our_payments
+-- which of the provider's refunds are applied here, and which of its
+-- payments are ours (a shop shared with another product lists theirs too)
+select 'refund' as kind, provider_refund_id as id
   from payment_refunds
  where provider_refund_id = any($1::text[])
+union all
+select 'payment', provider_payment_id
+  from payments
+ where provider_payment_id = any($2::text[])
 """
 
 OPEN_PAYMENTS = """
@@ -553,9 +559,14 @@ async def cancel_abandoned_payments(older_than: datetime, limit: int = 100, db: 
     return len(await db.fetch(CANCEL_ABANDONED_PAYMENTS, older_than, limit))
 
 
-async def applied_refunds(provider_refund_ids: list[str], db: Executor = sql) -> set[str]:
-    """Which of these provider refunds have been applied here already."""
-    if not provider_refund_ids:
-        return set()
-    rows = await db.fetch(APPLIED_REFUNDS, provider_refund_ids)
-    return {row["provider_refund_id"] for row in rows}
+async def applied_refunds_and_our_payments(
+    provider_refund_ids: list[str], provider_payment_ids: list[str], db: Executor = sql
+) -> tuple[set[str], set[str]]:
+    """(the refunds among these already applied here, the payments among
+    these that are ours), in one round trip."""
+    if not provider_refund_ids and not provider_payment_ids:
+        return set(), set()
+    rows = await db.fetch(APPLIED_AND_OURS, provider_refund_ids, provider_payment_ids)
+    applied = {row["id"] for row in rows if row["kind"] == "refund"}
+    ours = {row["id"] for row in rows if row["kind"] == "payment"}
+    return applied, ours

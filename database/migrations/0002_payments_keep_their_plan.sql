@@ -2,6 +2,12 @@
 -- the same columns and trigger). Payments made before this migration take
 -- them from the catalogue as it is now, the best record there is of what
 -- they bought.
+--
+-- The ALTERs lock payments (and plans, for the foreign key) until init-db
+-- commits: never wait long for a transaction in flight, which would queue
+-- every payment's statement behind this one. On a timeout, run init-db again.
+set local lock_timeout = '5s';
+
 alter table payments add column if not exists plan text references plans (id);
 alter table payments add column if not exists period_days integer check (period_days > 0);
 create index if not exists payments_plan_idx on payments (plan);

@@ -117,3 +117,32 @@ async def test_0002_gives_payments_made_before_it_their_plan(admin: asyncpg.Conn
     await admin.execute(migration.text())
     rows = await admin.fetch("select package_id, plan, period_days from payments order by package_id")
     assert [tuple(row) for row in rows] == [("pro_month", "pro", 30), ("tokens_50", None, None)]
+
+
+async def test_code_deployed_before_its_migration_applies_it_on_first_need(fresh_database: str) -> None:
+    """A deploy that reached the database before `init-db`: the first
+    statement naming a new column applies the missing migration, then runs."""
+    from repositories.payments import apply_provider_status, attach_provider_payment, create_pending_payment
+
+    await init_database()
+    connection = await asyncpg.connect(fresh_database)
+    try:
+        # the schema as it was before 0002
+        await connection.execute(
+            "drop trigger trigger_payments_keep_their_plan on payments;"
+            " alter table payments drop column plan, drop column period_days;"
+            " delete from schema_migrations where version = 2"
+        )
+        user_id = await connection.fetchval(
+            "insert into users (device_id) values ('device-before-0002') returning id"
+        )
+    finally:
+        await connection.close()
+    migrations_module.forget_initialized()
+    payment, _ = await create_pending_payment(user_id, "pro_month", "before-0002")
+    await attach_provider_payment(payment.id, "pp-before-0002", None)
+
+    result = await apply_provider_status("pp-before-0002", "succeeded")
+    assert result.changed and result.credited_tokens == 200
+    assert await sql.fetchval("select plan from subscriptions where user_id = $1", user_id) == "pro"
+    assert [state.startswith("applied") for _, _, state in await migration_status()] == [True, True]

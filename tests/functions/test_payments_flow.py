@@ -248,3 +248,56 @@ async def test_refunds_are_listed_only_within_the_lookback_and_a_failed_listing_
     fake.recover()
     assert await jobs.reconcile_payments(now=later) == run(0, 0, 0, refunds=1)
     assert await db.balance(admin, user_id) == 5
+
+
+async def test_one_refund_that_fails_and_ones_not_ours_or_unreadable_do_not_hold_back_the_rest(
+    fake: FakeYooKassa, http: httpx.AsyncClient, admin: asyncpg.Connection
+) -> None:
+    """Newest first: a refund listed before the good one whose payment
+    YooKassa no longer answers for, a refund of another product's payment on
+    a shared shop, and a listed refund without an amount."""
+    good = await create(http, "device-flow-refund4")
+    good_paid = await provider_id(admin, good["id"])
+    await fake.succeed(good_paid)
+    later = datetime.now(UTC) + timedelta(minutes=30)
+    await jobs.reconcile_payments(now=later)  # the good payment is credited
+    await fake.refund(good_paid, 9900)
+
+    stuck = await create(http, "device-flow-refund5")
+    stuck_paid = await provider_id(admin, stuck["id"])
+    await fake.succeed(stuck_paid)
+    await fake.refund(stuck_paid, 9900)
+    fake.payments.pop(stuck_paid)  # its success can no longer be read back
+    fake.refunds["rf-not-ours"] = {
+        **next(iter(fake.refunds.values())),
+        "id": "rf-not-ours",
+        "payment_id": "pp-not-ours",
+    }
+    fake.refunds["rf-unreadable"] = {
+        "id": "rf-unreadable",
+        "payment_id": good_paid,
+        "status": "succeeded",
+        "created_at": "2999-01-01T00:00:00.000Z",
+    }
+
+    # the stuck payment's own check fails, and so does its refund; the good one is applied
+    assert await jobs.reconcile_payments(now=later) == run(1, 0, 2, refunds=1)
+    assert await db.balance(admin, await buyer(admin, "device-flow-refund4")) == 5
+    assert await db.balance(admin, await buyer(admin, "device-flow-refund5")) == 5
+    assert await admin.fetchval("select count(*) from payment_refunds") == 1
+
+
+async def test_listing_refunds_asks_for_no_page_once_out_of_time(
+    fake: FakeYooKassa, http: httpx.AsyncClient, admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(yookassa, "REFUND_PAGE_SIZE", 2)
+    created = await create(http, "device-flow-refund6", "tokens_200")
+    paid = await provider_id(admin, created["id"])
+    await fake.succeed(paid)
+    for _ in range(3):
+        await fake.refund(paid, 7475)
+    client = yookassa.default_client()
+    since = datetime.now(UTC) - timedelta(hours=1)
+    assert len(await client.succeeded_refunds_since(since)) == 3
+    assert len(await client.succeeded_refunds_since(since, stop_at=time.monotonic() - 1)) == 2
+    assert len(fake.requests_to("GET", "/v3/refunds")) == 2 + 1
