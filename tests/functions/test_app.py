@@ -526,3 +526,19 @@ async def test_nothing_secret_reaches_any_log(version: str, caplog: pytest.LogCa
     logged = caplog.text + "".join(r.getMessage() for r in caplog.records)
     for value in [*secrets.values(), "eyJhbGciOiJSUzI1NiJ9", "a very private prompt"]:
         assert value not in logged
+
+
+class TimeLeft:
+    def __init__(self, milliseconds: int) -> None:
+        self.milliseconds = milliseconds
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self.milliseconds
+
+
+def test_the_database_budget_is_the_invocations_time_left_less_a_reserve_for_the_answer() -> None:
+    from functions.app import database_budget
+
+    assert database_budget({"aws.context": TimeLeft(4_000)}) == 3.0
+    assert database_budget({"aws.context": TimeLeft(1_200)}) == 0.5  # never below the minimum
+    assert database_budget({}) is None  # not in Lambda: only the configured timeouts

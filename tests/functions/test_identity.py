@@ -212,7 +212,10 @@ def test_garbage_is_refused(clerk: rsa.RSAPrivateKey, token: str) -> None:
         identity.verify_session_token(token)
 
 
-@hypothesis_settings(max_examples=200, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# no deadline: a scheduling stall on a loaded machine is not a failure
+@hypothesis_settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     token=st.text(max_size=300)
     | st.from_regex(r"[A-Za-z0-9_\-]{0,60}\.[A-Za-z0-9_\-]{0,60}\.[A-Za-z0-9_\-]{0,60}")

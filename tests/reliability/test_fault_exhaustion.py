@@ -20,7 +20,13 @@ import pytest
 
 from database import pool
 from tests.reliability.conftest import Dedicated, Served
-from tests.reliability.traffic import Client, MoneyTraffic, check_books, fake_delivery_problems
+from tests.reliability.traffic import (
+    Client,
+    MoneyTraffic,
+    check_books,
+    fake_delivery_problems,
+    traffic_under_way,
+)
 
 ALL_BUSY_SECONDS = 1.5
 FEW_FREE_SECONDS = 1.5
@@ -35,34 +41,34 @@ select count(pg_terminate_backend(pid))
 """
 
 
-# a terminated backend leaves pg_stat_activity before its slot is free: a
-# round that found nothing is confirmed by another this much later
-SETTLE_SECONDS = 0.2
+# every slot is held, and none by the app: then it cannot connect until a
+# hog lets go (the hogs are the superuser, so the reserved slots are theirs too)
+SLOTS = """
+select count(*) >= current_setting('max_connections')::int as full,
+       count(*) filter (where application_name = 'dreamlens') as app
+  from pg_stat_activity
+ where backend_type = 'client backend'
+"""
+SETTLE_SECONDS = 0.05
 
 
 async def take_every_slot(url: str, admin: asyncpg.Connection) -> list[asyncpg.Connection]:
     """Connections holding every slot the app's pool had or could get: its
-    backends are terminated and their slots taken, until two rounds in a row,
-    SETTLE_SECONDS apart, find no app backend left and no slot free (a
-    terminated backend frees its slot only once it has exited, which may be
-    after it left pg_stat_activity and after the round that filled the rest)."""
+    backends are terminated and their slots taken until every slot is held
+    and none by the app. A terminated backend frees its slot only once it
+    has exited, which may be after it left pg_stat_activity: the rounds go
+    on until that slot is taken too, however long the machine takes."""
     hogs: list[asyncpg.Connection] = []
-    quiet_rounds = 0
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         await admin.fetchval(TERMINATE_APP_BACKENDS)
-        taken = 0
         try:
             while True:
                 hogs.append(await asyncpg.connect(url))
-                taken += 1
-        except asyncpg.TooManyConnectionsError:
+        except (asyncpg.TooManyConnectionsError, asyncpg.CannotConnectNowError):
             pass
-        except asyncpg.CannotConnectNowError:
-            continue
-        quiet = taken == 0 and await admin.fetchval(APP_BACKENDS) == 0
-        quiet_rounds = quiet_rounds + 1 if quiet else 0
-        if quiet_rounds == 2:
+        slots = await admin.fetchrow(SLOTS)
+        if slots["full"] and slots["app"] == 0:
             return hogs
         await asyncio.sleep(SETTLE_SECONDS)
     raise AssertionError("the app kept its connections")
@@ -82,7 +88,7 @@ async def test_exhausted_connections_answer_503_and_recover_without_restart(
     probe: dict[str, float | int | str] = {}
 
     async def exhaustion() -> None:
-        await asyncio.sleep(0.5)  # the traffic gets going, the pool fills
+        await traffic_under_way()
         pools.append(pool._pool)
         hogs = await take_every_slot(dedicated.url, admin)
         try:

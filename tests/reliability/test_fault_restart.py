@@ -17,7 +17,7 @@ import pytest
 
 from database import pool
 from tests.reliability.conftest import Dedicated, Served
-from tests.reliability.traffic import MoneyTraffic, check_books, fake_delivery_problems
+from tests.reliability.traffic import MoneyTraffic, check_books, fake_delivery_problems, traffic_under_way
 
 # a clean fast shutdown, then a crash
 STOP_MODES = ("fast", "immediate")
@@ -32,7 +32,7 @@ async def test_a_database_restart_under_load_loses_nothing_and_applies_nothing_t
     pools = []
 
     async def restarts() -> None:
-        await asyncio.sleep(0.5)  # the traffic gets going first
+        await traffic_under_way()
         for mode in STOP_MODES:
             pools.append(pool._pool)
             await dedicated.postgres.stop(mode)

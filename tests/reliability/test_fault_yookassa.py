@@ -76,6 +76,16 @@ async def test_yookassa_down_slow_and_flaky_under_load_credits_each_payment_once
             credits=await admin.fetchval(PAYMENT_CREDITS, f"payment:{payment_id}"),
         )
         await asyncio.sleep(DOWN_SECONDS)
+        # Down until the outage has been met where the asserts below look: a
+        # 503 needs all three of the app's attempts inside it, which a fixed
+        # 1.5 s leaves to the machine's speed. Both callers repeat until
+        # answered, so this ends.
+        async with asyncio.timeout(60):
+            while (
+                traffic.record.statuses("POST /api/payments/webhook")[503] < 2
+                or traffic.record.statuses("POST /api/payments")[503] < 1
+            ):
+                await asyncio.sleep(0.05)
         fake.recover()
         fake.go_slow(SLOW_ANSWER_SECONDS)
         await asyncio.sleep(SLOW_SECONDS)

@@ -35,6 +35,7 @@ from uuid import UUID
 import asyncpg
 import httpx
 
+from database import pool
 from functions.fake_yookassa import FakeYooKassa
 from repositories.audit import Violation, find_violations
 from tests import db
@@ -491,6 +492,15 @@ async def run_until(
 
 
 # --------------------------------------------------------- money traffic
+
+
+async def traffic_under_way() -> None:
+    """Until the traffic has made the app's pool (its first request does,
+    however slowly the machine runs), and half a second more to get going."""
+    async with asyncio.timeout(30):
+        while pool._pool is None:
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
 
 
 class MoneyTraffic:
