@@ -281,6 +281,22 @@ async def get_or_create_device_user(
     return _active_device(result)
 
 
+# $1 device id
+LOCK_LINK_PAYMENTS = """
+-- name: lock_link_payments
+-- The device's payments, before the users and wallets below. YooKassa's
+-- word on a payment takes its row, then its wallet (apply_provider_status,
+-- apply_refund); the link moves the payments after taking the wallets, so
+-- without this the two each held what the other waited for: a deadlock,
+-- which PostgreSQL breaks after a second by failing one of them.
+select p.id
+  from payments p
+  join users u on u.id = p.user_id
+ where u.device_id = $1
+ order by p.id
+   for update of p
+"""
+
 # $1 Clerk user id, $2 device id
 LOCK_LINK_PARTIES = """
 -- name: lock_link_parties
@@ -447,6 +463,7 @@ async def link_device(clerk_user_id: UUID, device_id: str) -> LinkResult:
     """
 
     async def link(tx: Transaction) -> tuple[LinkResult, UUID]:
+        await tx.fetch(LOCK_LINK_PAYMENTS, device_id)
         rows = await tx.fetch(LOCK_LINK_PARTIES, clerk_user_id, device_id)
         account = next((r for r in rows if r["id"] == clerk_user_id), None)
         device = next((r for r in rows if r["device_id"] == device_id), None)
