@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dreamlens.jobs")
 
-Job = Callable[[], Awaitable[dict[str, Any]]]
+Job = Callable[[], Coroutine[Any, Any, dict[str, Any]]]
 
 
 def _minutes(name: str, default: int) -> timedelta:
