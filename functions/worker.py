@@ -7,8 +7,11 @@ init-db (404 while unset) these routes are always deployed and known.
 
 POST /api/worker/claim moves the oldest pending generations to processing
 under a lease (the table is the queue: FOR UPDATE SKIP LOCKED). Each request
-gets a fresh claim id, so sql() retrying the statement after an unknown
-outcome returns what the first attempt took instead of taking more.
+gets a claim id, so sql() retrying the statement after an unknown outcome
+returns what the first attempt took instead of taking more. With an
+`Idempotency-Key` the claim id comes from the key, so the worker itself can
+repeat a claim whose answer it lost (its own timeout) and get the same
+generations back instead of leaving them stranded until their lease ends.
 
 POST /api/generations/{id}/result finishes a pending or processing
 generation; a failure refunds its cost once. A result for a finished
@@ -33,13 +36,15 @@ from database import Forbidden
 from database.model import Model
 from functions import settings
 from functions.app import build_app
-from functions.http import RequestModel, json_response, no_query_params, read_json
+from functions.http import RequestModel, idempotency_key, json_response, no_query_params, read_json
 from functions.openapi import endpoint
 from functions.views import Generation, generation_view
 from repositories import generations
 
 MAX_IMAGE_KEY_LENGTH = 1024  # S3's limit on object keys
 MAX_ERROR_LENGTH = 2000
+# claim ids made from the worker's Idempotency-Key: the same key, the same claim
+CLAIM_KEYS = UUID("5b0e8a52-3c1f-4f0e-9d7a-2a6f4c1e8b93")
 
 
 def check_callback_secret(request: Request) -> None:
@@ -81,17 +86,23 @@ class GenerationResult(RequestModel):
         return self
 
 
-@endpoint(auth="callback", request=Claim, response=ClaimedPage)
+@endpoint(auth="callback", request=Claim, response=ClaimedPage, idempotent=True)
 async def claim(request: Request) -> Response:
     """Claim up to `limit` pending generations for `lease_seconds`, oldest first.
 
+    Repeated with the same `Idempotency-Key`, it answers the generations the
+    first claim took that are still processing, and takes no more. (A repeat
+    sent while the first is still running takes a batch of its own; a third
+    try with the key then answers both.)
     403 for a wrong or missing X-Callback-Secret, and for every caller while
     GENERATION_CALLBACK_SECRET is unset.
     """
     check_callback_secret(request)
     no_query_params(request)
     body = await read_json(request, Claim)
-    claimed = await generations.claim_generations(body.limit, body.lease_seconds, claim_id=uuid.uuid4())
+    key = idempotency_key(request)
+    claim_id = uuid.uuid5(CLAIM_KEYS, key) if key is not None else uuid.uuid4()
+    claimed = await generations.claim_generations(body.limit, body.lease_seconds, claim_id=claim_id)
     items = [ClaimedGeneration.model_validate(item, from_attributes=True) for item in claimed]
     return json_response(ClaimedPage(items=items))
 

@@ -175,6 +175,50 @@ async def test_two_claims_never_take_the_same_generation(version: str, admin: as
     assert third.body == {"items": []}
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_a_claim_repeated_with_its_key_answers_the_same_generations(
+    version: str, admin: asyncpg.Connection
+) -> None:
+    """The worker lost the first answer (its own timeout): asking again with the
+    key gets that batch back instead of a second one, and nothing waits out a lease."""
+    _, made = await queue(admin, 5)
+    keyed = {**CALLER, "Idempotency-Key": "worker-7:claim-1"}
+    first = await claim(version, {"limit": 2}, keyed)
+    again = await claim(version, {"limit": 2}, keyed)
+    assert first.status == again.status == 200
+    assert [item["id"] for item in first.body["items"]] == [str(made[0]), str(made[1])]
+    assert again.body == first.body
+    assert list((await statuses(admin)).values()).count("processing") == 2
+    # a generation of the batch that finished is not handed out again
+    finished = await result(version, made[0], {"status": "succeeded", "image_key": "img/0.png"})
+    assert finished.status == 200
+    third = await claim(version, {"limit": 2}, keyed)
+    assert [item["id"] for item in third.body["items"]] == [str(made[1])]
+    # another key is another claim
+    other = await claim(version, {"limit": 2}, {**CALLER, "Idempotency-Key": "worker-7:claim-2"})
+    assert [item["id"] for item in other.body["items"]] == [str(made[2]), str(made[3])]
+    assert await statuses(admin) == {
+        made[0]: "succeeded",
+        made[1]: "processing",
+        made[2]: "processing",
+        made[3]: "processing",
+        made[4]: "pending",
+    }
+    attempts = await admin.fetch("select attempt from generations where status = 'processing'")
+    assert [row["attempt"] for row in attempts] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("key", ["", "a,b", "x" * 201, "ключ"])
+async def test_a_bad_claim_key_is_422_and_claims_nothing(version: str, key: str, admin: asyncpg.Connection) -> None:
+    await queue(admin, 2)
+    before = await fingerprint(admin)
+    response = await claim(version, {"limit": 1}, {**CALLER, "Idempotency-Key": key})
+    assert response.status == 422
+    assert response.body["error"] == "invalid_request"
+    assert await fingerprint(admin) == before
+
+
 BAD_CLAIMS: dict[str, tuple[Any, int]] = {
     "not_json": ("limit=5", 400),
     "not_utf8": (b'{"limit": 5, "x": "\xff"}', 400),
