@@ -22,6 +22,20 @@ from tests import db
 DEVICE = "device_test_0001"
 OTHER_DEVICE = "device_test_0002"
 CLERK_ID = "user_2clerkTEST"
+# a generation as API.md shows it: GET /api/generations/{id} and the worker's result
+GENERATION_FIELDS = {
+    "id",
+    "status",
+    "prompt",
+    "quality",
+    "cost",
+    "attempt",
+    "image_key",
+    "error",
+    "created_at",
+    "updated_at",
+    "finished_at",
+}
 
 
 def device(device_id: str = DEVICE) -> dict[str, str]:

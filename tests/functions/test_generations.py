@@ -26,6 +26,7 @@ from repositories import generations, tokens
 from tests import db
 from tests.functions.callers import (
     DEVICE,
+    GENERATION_FIELDS,
     OTHER_DEVICE,
     capture_requests,
     device,
@@ -39,19 +40,6 @@ from tests.functions.lambda_events import EVENT_BUILDERS, Invocation, LambdaRunt
 
 VERSIONS = sorted(EVENT_BUILDERS)
 NEW_FIELDS = {"id", "status", "cost", "balance", "prompt", "quality", "created_at"}
-GENERATION_FIELDS = {
-    "id",
-    "status",
-    "prompt",
-    "quality",
-    "cost",
-    "attempt",
-    "image_key",
-    "error",
-    "created_at",
-    "updated_at",
-    "finished_at",
-}
 REGION = "eu-central-1"
 BUCKET = "dreamlens-test-images"
 

@@ -15,25 +15,12 @@ from functions import settings
 from functions.worker import handler
 from repositories import generations, tokens
 from tests import db
-from tests.functions.callers import DEVICE, fingerprint
+from tests.functions.callers import DEVICE, GENERATION_FIELDS, fingerprint
 from tests.functions.lambda_events import EVENT_BUILDERS, Invocation, invoke
 
 VERSIONS = sorted(EVENT_BUILDERS)
 SECRET = "callback-secret-for-tests-0123456789"
 CALLER = {"X-Callback-Secret": SECRET}
-GENERATION_FIELDS = {
-    "id",
-    "status",
-    "prompt",
-    "quality",
-    "cost",
-    "attempt",
-    "image_key",
-    "error",
-    "created_at",
-    "updated_at",
-    "finished_at",
-}
 
 
 @pytest.fixture(autouse=True)
@@ -210,7 +197,9 @@ async def test_a_claim_repeated_with_its_key_answers_the_same_generations(
 
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("key", ["", "a,b", "x" * 201, "ключ"])
-async def test_a_bad_claim_key_is_422_and_claims_nothing(version: str, key: str, admin: asyncpg.Connection) -> None:
+async def test_a_bad_claim_key_is_422_and_claims_nothing(
+    version: str, key: str, admin: asyncpg.Connection
+) -> None:
     await queue(admin, 2)
     before = await fingerprint(admin)
     response = await claim(version, {"limit": 1}, {**CALLER, "Idempotency-Key": key})
