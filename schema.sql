@@ -189,6 +189,8 @@ create table if not exists usage_logs (
     reference  text,
     created_at timestamptz not null default now()
 );
+-- migration 0003: a keyed request (a download) is logged once per key
+alter table usage_logs add column if not exists idempotency_key text;
 
 create index if not exists usage_logs_user_action_created_idx on usage_logs (user_id, action, created_at);
 -- the anonymous signup limit counts by source address

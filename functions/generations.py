@@ -188,13 +188,17 @@ def presigned_get_url(bucket: str, key: str, expires_in: int) -> str:
     return url
 
 
-@endpoint(auth="user", response=Download, errors=[409, 422])
+@endpoint(auth="user", response=Download, errors=[409, 422], idempotent=True)
 async def download_generation(request: Request) -> Response:
     """A presigned S3 URL for the image of one of the caller's succeeded generations.
 
-    409 while the generation is not succeeded; another user's is 404. Logs a download.
+    409 while the generation is not succeeded; another user's is 404. Logs a
+    download: once for each `Idempotency-Key` (a repeat gets a fresh URL).
     """
     no_query_params(request)
+    # our own key when the client sends none: sql() retrying the log after a
+    # lost commit must not count the download twice
+    key = idempotency_key(request) or f"auto:{uuid.uuid4()}"
     user = await current_user(request)
     generation = await generations.get_generation(user.id, request.path_params["id"])
     if generation.status != "succeeded" or generation.image_key is None:
@@ -205,7 +209,7 @@ async def download_generation(request: Request) -> Response:
     # signing is local, but the first call builds the client and may fetch
     # credentials: off the event loop
     url = await asyncio.to_thread(presigned_get_url, bucket, generation.image_key, DOWNLOAD_URL_SECONDS)
-    await usage.log_usage(user.id, "download", source_ip(request), reference=str(generation.id))
+    await usage.log_usage(user.id, "download", source_ip(request), reference=str(generation.id), key=key)
     return json_response(Download(url=url, expires_in=DOWNLOAD_URL_SECONDS))
 
 

@@ -24,18 +24,40 @@ values ($1, $2, $3::inet, $4)
 """
 
 
+LOG_USAGE_ONCE = """
+-- name: log_usage_once
+-- The same request again (the client's Idempotency-Key, or sql() retrying a
+-- statement whose commit it did not hear of) finds its row and adds none. The
+-- user's rows of the action are reached through (user_id, action, created_at).
+-- Two requests with one key at the same instant may both be logged: a usage
+-- row moves no tokens, and a unique index would lock the table to build.
+insert into usage_logs (user_id, action, source_ip, reference, idempotency_key)
+select $1, $2, $3::inet, $4, $5
+ where not exists (select 1
+                     from usage_logs
+                    where user_id = $1
+                      and action = $2
+                      and idempotency_key = $5)
+"""
+
+
 async def log_usage(
     user_id: UUID | None,
     action: str,
     source_ip: str | None,
     reference: str | None = None,
+    key: str | None = None,
     db: Executor = sql,
 ) -> None:
-    """Record one action. `source_ip` is an address ("203.0.113.7", "::1"); a
-    malformed one is an InvalidRequest."""
+    """Record one action; with a `key`, once per user, action and key.
+    `source_ip` is an address ("203.0.113.7", "::1"); a malformed one is an
+    InvalidRequest."""
     if action not in ACTIONS:
         raise InvalidRequest(f"Unknown usage action {action!r}")
-    await db.execute(LOG_USAGE, user_id, action, source_ip, reference)
+    if key is None:
+        await db.execute(LOG_USAGE, user_id, action, source_ip, reference)
+    else:
+        await db.execute(LOG_USAGE_ONCE, user_id, action, source_ip, reference, key)
 
 
 COUNT_USAGE_BY_USER = """

@@ -92,6 +92,13 @@ async def test_newer_migration_is_applied_once_in_order(
     assert await init_database() == []
     assert await sql.fetchval("select count(*) from migration_marker") == 1
     assert all(state.startswith("applied") for _, _, state in await migration_status())
+    assert (
+        await sql.fetchval(
+            "select count(*) from information_schema.columns"
+            " where table_name = 'usage_logs' and column_name = 'idempotency_key'"
+        )
+        == 1
+    )
 
 
 async def test_badly_named_migration_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -127,11 +134,12 @@ async def test_code_deployed_before_its_migration_applies_it_on_first_need(fresh
     await init_database()
     connection = await asyncpg.connect(fresh_database)
     try:
-        # the schema as it was before 0002
+        # the schema as it was before 0002 (and the migrations after it)
         await connection.execute(
             "drop trigger trigger_payments_keep_their_plan on payments;"
             " alter table payments drop column plan, drop column period_days;"
-            " delete from schema_migrations where version = 2"
+            " alter table usage_logs drop column idempotency_key;"
+            " delete from schema_migrations where version >= 2"
         )
         user_id = await connection.fetchval(
             "insert into users (device_id) values ('device-before-0002') returning id"
@@ -145,4 +153,11 @@ async def test_code_deployed_before_its_migration_applies_it_on_first_need(fresh
     result = await apply_provider_status("pp-before-0002", "succeeded")
     assert result.changed and result.credited_tokens == 200
     assert await sql.fetchval("select plan from subscriptions where user_id = $1", user_id) == "pro"
-    assert [state.startswith("applied") for _, _, state in await migration_status()] == [True, True]
+    assert all(state.startswith("applied") for _, _, state in await migration_status())
+    assert (
+        await sql.fetchval(
+            "select count(*) from information_schema.columns"
+            " where table_name = 'usage_logs' and column_name = 'idempotency_key'"
+        )
+        == 1
+    )

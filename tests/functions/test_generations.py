@@ -582,6 +582,38 @@ async def test_the_s3_client_is_built_once_per_process(
     assert round_trips(caplog) == [db.trips(3), db.trips(2)]
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_a_download_repeated_with_its_key_is_logged_once(
+    version: str, images: Any, admin: asyncpg.Connection
+) -> None:
+    user_id = await device_user(admin)
+    generation_id = await succeeded(user_id)
+    keyed = {**device(DEVICE), "Idempotency-Key": "download-1"}
+    first = await download(version, generation_id, keyed)
+    again = await download(version, generation_id, keyed)
+    assert first.status == again.status == 200
+    assert urlsplit(again.body["url"]).path == urlsplit(first.body["url"]).path
+    assert len(await downloads(admin)) == 1
+    assert (
+        await download(version, generation_id, {**device(DEVICE), "Idempotency-Key": "download-2"})
+    ).status == 200
+    assert len(await downloads(admin)) == 2
+    keys = await admin.fetch("select idempotency_key from usage_logs where action = 'download'")
+    assert sorted(row["idempotency_key"] for row in keys) == ["download-1", "download-2"]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_a_download_with_a_bad_key_is_422_and_logs_nothing(
+    version: str, images: Any, admin: asyncpg.Connection
+) -> None:
+    generation_id = await succeeded(await device_user(admin))
+    before = await fingerprint(admin)
+    response = await download(version, generation_id, {**device(DEVICE), "Idempotency-Key": "a,b"})
+    assert response.status == 422
+    assert response.body["error"] == "invalid_request"
+    assert await fingerprint(admin) == before
+
+
 def test_boto3_is_not_imported_with_the_function() -> None:
     """Every import is paid at cold start: boto3 only on the download path."""
     code = "import sys, functions.generations; print('boto3' in sys.modules, 'botocore' in sys.modules)"

@@ -17,6 +17,31 @@ async def db_now(admin: asyncpg.Connection) -> datetime:
     return now
 
 
+async def test_a_keyed_action_is_logged_once_per_user_action_and_key(admin: asyncpg.Connection) -> None:
+    """What sql() does after a commit it did not hear of: the same statement
+    with the same key again. It must not add a row."""
+    user_id = await db.insert_user(admin, clerk_id="user_usage_keyed")
+    other = await db.insert_user(admin, clerk_id="user_usage_keyed_other")
+    for _ in range(3):
+        await usage.log_usage(user_id, "download", "203.0.113.7", reference="g1", key="k1")
+    await usage.log_usage(user_id, "download", "203.0.113.7", reference="g1", key="k2")
+    await usage.log_usage(user_id, "generation", "203.0.113.7", reference="g1", key="k1")
+    await usage.log_usage(other, "download", "203.0.113.7", reference="g1", key="k1")
+    await usage.log_usage(user_id, "download", "203.0.113.7", reference="g1")
+    rows = await admin.fetch(
+        "select user_id, action, idempotency_key from usage_logs order by user_id, action, idempotency_key"
+    )
+    assert sorted((row["user_id"], row["action"], row["idempotency_key"] or "") for row in rows) == sorted(
+        [
+            (user_id, "download", "k1"),
+            (user_id, "download", "k2"),
+            (user_id, "download", ""),
+            (user_id, "generation", "k1"),
+            (other, "download", "k1"),
+        ]
+    )
+
+
 async def test_counts_by_user_action_and_window(admin: asyncpg.Connection) -> None:
     user_id = await db.insert_user(admin, clerk_id="user_usage")
     other = await db.insert_user(admin, clerk_id="user_usage_other")
