@@ -107,8 +107,10 @@ class ConfigurationError(DreamLensError):
     code = "configuration"
 
 
-class SchemaTooNew(DreamLensError):
-    code = "schema_too_new"
+class SchemaTooNew(Conflict):
+    """The database was migrated by newer code: the caller (init-db) must
+    deploy that code. A 409 `conflict`, as API.md lists the codes; the
+    message says which versions."""
 
 
 # Faults worth another attempt: the connection went away or could not be had,

@@ -25,7 +25,6 @@ from database import (
     InvalidRequest,
     NotFound,
     RateLimited,
-    SchemaTooNew,
     Unauthorized,
     Unavailable,
 )
@@ -58,8 +57,6 @@ STATUSES: dict[type[DreamLensError], int] = {
     Forbidden: 403,
     NotFound: 404,
     Conflict: 409,
-    # the database was migrated by newer code: the caller (init-db) must deploy it
-    SchemaTooNew: 409,
     RateLimited: 429,
     Unavailable: 503,
 }

@@ -301,7 +301,9 @@ def _operation(
         # an empty body reads as {}: it is optional when no field is required
         required = any(field.is_required() for field in spec.request.model_fields.values())
         operation["requestBody"] = {"required": required, "content": {"application/json": {"schema": schema}}}
-        errors.update((400, 413, 422))
+        # the webhook answers any notification it cannot use 400 (webhook.py):
+        # YooKassa retries a 4xx the same way, and it is not a client to correct
+        errors.update((400, 413) if spec.auth == "webhook" else (400, 413, 422))
     if spec.uses_database:
         errors.add(503)
 

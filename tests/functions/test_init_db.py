@@ -102,3 +102,27 @@ async def test_fresh_database_is_initialized_then_up_to_date(
         await connection.close()
     assert SECRET not in caplog.text
     assert all(SECRET not in record.getMessage() for record in caplog.records)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+async def test_a_database_newer_than_the_code_is_409_and_unchanged(
+    version: str, init_secret: str, fresh_database: str
+) -> None:
+    event = EVENT_BUILDERS[version]("POST", "/api/init-db", headers={"X-Init-Secret": init_secret})
+    assert (await invoke(handler, event)).status == 200
+    connection = await asyncpg.connect(fresh_database)
+    try:
+        await connection.execute(
+            "insert into schema_migrations (version, name) values (9999, '9999_future.sql')"
+        )
+        before = await connection.fetch("select version, name, applied_at from schema_migrations order by 1")
+        response = await invoke(handler, event)
+        assert response.status == 409
+        assert response.body["error"] == "conflict"
+        assert "9999" in response.body["message"]
+        assert (
+            await connection.fetch("select version, name, applied_at from schema_migrations order by 1")
+            == before
+        )
+    finally:
+        await connection.close()

@@ -180,3 +180,11 @@ async def test_local_app_serves_the_document_including_itself() -> None:
     assert DOCUMENT_PATH in doc["paths"]
     assert set(doc["paths"][DOCUMENT_PATH]["get"]["responses"]) == {"200"}
     assert "/api/health" in doc["paths"]
+
+
+def test_the_webhook_documents_400_not_422_for_what_it_cannot_use() -> None:
+    from functions.webhook import routes as webhook_routes
+
+    operation = document(webhook_routes)["paths"]["/api/payments/webhook"]["post"]
+    assert "422" not in operation["responses"]
+    assert {"200", "400", "403", "413", "503"} <= set(operation["responses"])
