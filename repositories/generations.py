@@ -90,10 +90,15 @@ CREATE_GENERATION = """
 -- and the daily counter on it makes the plan limit exact under concurrency.
 -- Two first uses of one key both pass `existing`; the unique constraint on
 -- (user_id, idempotency_key) refuses the second, which then replays.
+-- The user row is read `for share`, before the wallet: a link holds it until
+-- it commits, and a locking read returns the latest row, so a spend racing a
+-- link of its device sees the link and is refused instead of spending what
+-- the device keeps (nobody could see that generation afterwards).
 with account as (
     select u.linked_to_user_id
       from users u
      where u.id = $1
+       for share
 ),
 existing as (
     select g.id, g.user_id, g.prompt, g.quality, g.cost, g.status, g.attempt, g.image_key,

@@ -196,6 +196,78 @@ async def test_linked_device_cannot_generate(admin: asyncpg.Connection) -> None:
     assert await db.balance(admin, device) == 5
 
 
+async def test_a_spend_waiting_on_a_link_of_its_device_is_refused(admin: asyncpg.Connection) -> None:
+    """Bug: the spend read the device's user row without a lock, took its
+    snapshot, then waited for the wallet the link held. Once the link
+    committed it spent what the device keeps: a generation on a linked
+    device, which neither the device (403) nor the account (404) can see.
+    Here a transaction holds what link_device holds (the user row and its
+    wallet, as LOCK_LINK_PARTIES takes them) and links while the spend waits."""
+    owner = await db.insert_user(admin, clerk_id="user_link_owner")
+    device = await db.insert_user(admin, device_id="device-linking-1")
+    before = await table_counts(admin)
+    async with admin.transaction():
+        await admin.execute(
+            "select 1 from users u join user_tokens t on t.user_id = u.id"
+            " where u.id = $1 for no key update of u, t",
+            device,
+        )
+        spend = asyncio.ensure_future(create(device))
+        waiting = (
+            "select count(*) from pg_stat_activity"
+            " where application_name = 'dreamlens' and wait_event_type = 'Lock'"
+        )
+        async with asyncio.timeout(30):
+            while await admin.fetchval(waiting) < 1:
+                await asyncio.sleep(0.01)
+        await admin.execute(
+            "update users set linked_to_user_id = $1, linked_at = now(), linked_tokens = 0 where id = $2",
+            owner,
+            device,
+        )
+    with pytest.raises(DeviceLinked):
+        await spend
+    assert await table_counts(admin) == before
+    assert await db.balance(admin, device) == 5
+
+
+async def test_spends_racing_links_leave_no_generation_on_a_linked_device(
+    admin: asyncpg.Connection, wide_pool: None
+) -> None:
+    """Twenty devices each linked, as an account's later devices (they keep
+    their bonus), while spending on it: whichever commits first, every
+    generation made ends up the account's."""
+    from repositories import users
+
+    account = await users.get_or_create_clerk_user("user_link_spending")
+    first = await users.get_or_create_device_user("device-spend-first", None, 5)
+    await users.link_device(account.id, first.device_id or "")
+    devices = [await users.get_or_create_device_user(f"device-spend-{n:04}", None, 5) for n in range(20)]
+
+    async def spend(device_id: UUID) -> bool:
+        try:
+            await create(device_id)
+        except DeviceLinked:
+            return False
+        return True
+
+    outcomes = await asyncio.gather(
+        *(
+            step
+            for n, device in enumerate(devices)
+            for step in (
+                (spend(device.id), users.link_device(account.id, device.device_id or ""))
+                if n % 2
+                else (users.link_device(account.id, device.device_id or ""), spend(device.id))
+            )
+        )
+    )
+    made = sum(outcome for outcome in outcomes if isinstance(outcome, bool))
+    owners = [row["user_id"] for row in await admin.fetch("select user_id from generations")]
+    assert owners == [account.id] * made
+    assert await db.audit_problems(admin) == []
+
+
 async def test_concurrent_creates_never_overdraw(admin: asyncpg.Connection, wide_pool: None) -> None:
     user_id = await db.insert_user(admin, clerk_id="user_race")
 
