@@ -282,19 +282,37 @@ async def get_or_create_device_user(
 
 
 # $1 device id
-LOCK_LINK_PAYMENTS = """
--- name: lock_link_payments
--- The device's payments, before the users and wallets below. YooKassa's
--- word on a payment takes its row, then its wallet (apply_provider_status,
--- apply_refund); the link moves the payments after taking the wallets, so
--- without this the two each held what the other waited for: a deadlock,
--- which PostgreSQL breaks after a second by failing one of them.
-select p.id
-  from payments p
-  join users u on u.id = p.user_id
- where u.device_id = $1
- order by p.id
-   for update of p
+LOCK_LINK_DEVICE_ROWS = """
+-- name: lock_link_device_rows
+-- The device's payments and generations, before the users and wallets
+-- below. YooKassa's word on a payment takes its row, then its wallet
+-- (apply_provider_status, apply_refund); a failed generation's result (and
+-- the reaper) takes the generation, then its wallet. The link moves both
+-- after taking the wallets, so without this each side held what the other
+-- waited for: a deadlock, which PostgreSQL breaks after a second by failing
+-- one of them. (A CTE that is a plain SELECT runs only when referenced: the
+-- counts make both run, payments first.)
+with device as (
+    select u.id
+      from users u
+     where u.device_id = $1
+),
+device_payments as (
+    select p.id
+      from payments p
+     where p.user_id in (select id from device)
+     order by p.id
+       for update
+),
+device_generations as (
+    select g.id
+      from generations g
+     where g.user_id in (select id from device)
+     order by g.id
+       for update
+)
+select (select count(*) from device_payments) as payments,
+       (select count(*) from device_generations) as generations
 """
 
 # $1 Clerk user id, $2 device id
@@ -463,7 +481,7 @@ async def link_device(clerk_user_id: UUID, device_id: str) -> LinkResult:
     """
 
     async def link(tx: Transaction) -> tuple[LinkResult, UUID]:
-        await tx.fetch(LOCK_LINK_PAYMENTS, device_id)
+        await tx.fetch(LOCK_LINK_DEVICE_ROWS, device_id)
         rows = await tx.fetch(LOCK_LINK_PARTIES, clerk_user_id, device_id)
         account = next((r for r in rows if r["id"] == clerk_user_id), None)
         device = next((r for r in rows if r["device_id"] == device_id), None)

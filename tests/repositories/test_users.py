@@ -760,3 +760,47 @@ async def test_links_and_the_device_payments_notifications_at_once_never_deadloc
     for account, _, _ in pairs:
         assert await db.balance(admin, account.id) == 10 + 5 + 50
     assert await db.audit_problems(admin) == []
+
+
+async def test_links_and_the_device_generations_failures_at_once_never_deadlock(
+    admin: asyncpg.Connection, many_connections: None
+) -> None:
+    """Each of twenty devices is linked while the worker reports its
+    generation failed: the result takes the generation, then the wallet it
+    refunds; the link takes the device's generations before the wallets, so
+    the two queue instead of deadlocking. Every refund lands once, wherever
+    the generation is by then: the account ends with the device's 5 tokens."""
+    from repositories import generations
+
+    pairs = []
+    for n in range(20):
+        account = await users.get_or_create_clerk_user(f"user_gdl_{n}")
+        device = await users.get_or_create_device_user(f"device-gdl-{n:04}", None, LIMIT)
+        created = await generations.create_generation(device.id, "a fox", "standard", f"gdl-{n}")
+        pairs.append((account, device, created.generation.id))
+    await generations.claim_generations(20, 60, uuid.uuid4())
+    with stats.collect() as counted:
+        await asyncio.gather(
+            *(
+                step
+                for n, (account, device, generation_id) in enumerate(pairs)
+                for step in (
+                    (
+                        users.link_device(account.id, device.device_id or ""),
+                        generations.record_result(generation_id, "failed", None, "gpu lost"),
+                    )
+                    if n % 2
+                    else (
+                        generations.record_result(generation_id, "failed", None, "gpu lost"),
+                        users.link_device(account.id, device.device_id or ""),
+                    )
+                )
+            )
+        )
+
+    assert counted.retries == 0
+    for account, device, _ in pairs:
+        assert await db.balance(admin, account.id) == 10 + 5
+        assert await db.balance(admin, device.id) == 0
+    assert await admin.fetchval("select count(*) from token_transactions where type = 'refund'") == 20
+    assert await db.audit_problems(admin) == []
