@@ -20,6 +20,7 @@ class Settings:
     connect_timeout: float
     command_timeout: float
     statement_timeout_ms: int
+    client_check_interval_ms: int
     slow_statement_ms: float
     embedded: bool
 
@@ -93,6 +94,11 @@ def load() -> Settings:
         # statement cache off, i.e. behind one, the default is none, and the
         # timeout belongs on the role (README, Configuration)
         statement_timeout_ms=_int("DB_STATEMENT_TIMEOUT_MS", 10_000 if statement_cache_size > 0 else 0),
+        # how often a backend running a statement checks that its client is
+        # still there: a connection the executor dropped (out of time) must not
+        # go on to commit once the lock it waits for is released, after the
+        # request has answered 503; a startup parameter too (see above)
+        client_check_interval_ms=_int("DB_CLIENT_CHECK_INTERVAL_MS", 1000 if statement_cache_size > 0 else 0),
         slow_statement_ms=_float("DB_SLOW_STATEMENT_MS", 100.0),
         embedded=embedded,
     )

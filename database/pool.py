@@ -50,6 +50,8 @@ def connect_arguments(settings: config.Settings) -> dict[str, Any]:
     server_settings = {"application_name": "dreamlens"}
     if settings.statement_timeout_ms > 0:
         server_settings["statement_timeout"] = str(settings.statement_timeout_ms)
+    if settings.client_check_interval_ms > 0:
+        server_settings["client_connection_check_interval"] = str(settings.client_check_interval_ms)
     return {
         "statement_cache_size": settings.statement_cache_size,
         "timeout": settings.connect_timeout,

@@ -7,7 +7,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from database import ConfigurationError, config
+from database import ConfigurationError, config, pool
 
 
 def test_lambda_without_database_url_names_both_variables(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -56,6 +56,20 @@ def test_no_statement_timeout_is_sent_at_connect_behind_a_pooler_by_default(
     assert config.load().statement_timeout_ms == timeout_ms
     monkeypatch.setenv("DB_STATEMENT_TIMEOUT_MS", "5000")
     assert config.load().statement_timeout_ms == 5000
+
+
+@pytest.mark.parametrize(("cache_size", "interval_ms"), [("100", 1000), ("0", 0)])
+def test_no_client_check_interval_is_sent_at_connect_behind_a_pooler_by_default(
+    monkeypatch: pytest.MonkeyPatch, cache_size: str, interval_ms: int
+) -> None:
+    """A startup parameter as statement_timeout is: behind a pooler it goes on the role."""
+    monkeypatch.setenv("DATABASE_URL", "postgresql://x/db")
+    monkeypatch.delenv("DB_CLIENT_CHECK_INTERVAL_MS", raising=False)
+    monkeypatch.setenv("DB_STATEMENT_CACHE_SIZE", cache_size)
+    settings = config.load()
+    assert settings.client_check_interval_ms == interval_ms
+    sent = pool.connect_arguments(settings)["server_settings"]
+    assert sent.get("client_connection_check_interval") == (str(interval_ms) if interval_ms else None)
 
 
 def test_lambda_pool_defaults_to_one_connection(monkeypatch: pytest.MonkeyPatch) -> None:

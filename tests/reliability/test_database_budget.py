@@ -14,11 +14,14 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from database import DatabaseUnavailable, Transaction, config, pool, sql, stats, time_budget
 from database.executor import run_in_transaction
 from functions import app, identity, tokens
+from repositories import generations
+from tests import db
 from tests.functions import lambda_events
 from tests.functions.lambda_events import EVENT_BUILDERS, Invocation, LambdaContext, LambdaRuntime, invoke
 from tests.reliability.proxy import faulty_proxy
@@ -142,3 +145,42 @@ async def test_no_attempt_starts_once_the_budget_is_spent() -> None:
     with stats.collect() as counted, pytest.raises(DatabaseUnavailable), time_budget(0):
         await sql.fetchval("select 1")
     assert (counted.attempts, counted.statements) == (1, 0)
+
+
+async def test_a_spend_given_up_while_waiting_for_a_lock_never_commits_afterwards(
+    admin: asyncpg.Connection, direct_url: str
+) -> None:
+    """Bug: a spend waiting for a wallet lock past its budget was answered
+    503, and its connection dropped, but the server went on waiting: a
+    backend blocked on a lock does not read its socket. Once the lock was
+    released it spent and committed; a client retrying the 503 without an
+    Idempotency-Key then spent again. The backend now checks for its client
+    (client_connection_check_interval) and gives up with it."""
+    user_id = await db.insert_user(admin, device_id="device-given-up-01")
+    # a statement timeout longer than the wait below, so that only the check
+    # for the client can end the backend's wait
+    await pool.close_pool()
+    config.configure(statement_timeout_ms=60_000)
+    operator = await asyncpg.connect(direct_url)
+    waiting = (
+        "select count(*) from pg_stat_activity"
+        " where application_name = 'dreamlens' and wait_event_type = 'Lock'"
+    )
+    try:
+        async with operator.transaction():
+            await operator.execute("select 1 from user_tokens where user_id = $1 for update", user_id)
+            with pytest.raises(DatabaseUnavailable), time_budget(0.5):
+                await generations.create_generation(user_id, "a fox", "standard", "given-up")
+            # the dropped connection's backend finds its client gone and stops waiting
+            try:
+                async with asyncio.timeout(10):
+                    while await admin.fetchval(waiting):
+                        await asyncio.sleep(0.05)
+            except TimeoutError:
+                pytest.fail("the backend of the dropped connection still waits for the wallet")
+    finally:
+        await operator.close()
+        await pool.close_pool()
+    assert await admin.fetchval("select count(*) from generations") == 0
+    assert await db.balance(admin, user_id) == 5
+    assert await db.audit_problems(admin) == []
