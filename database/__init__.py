@@ -22,6 +22,7 @@ from database.errors import (
 from database.executor import (
     Executor,
     Transaction,
+    ping,
     run_in_transaction,
     run_with_retries,
     sql,
@@ -50,6 +51,7 @@ __all__ = [
     "init_database",
     "invalidate_balance",
     "migration_status",
+    "ping",
     "remember_balance",
     "run_in_transaction",
     "run_with_retries",

@@ -336,3 +336,9 @@ async def run_in_transaction(work: Callable[[Transaction], Awaitable[T]]) -> T:
             return result
 
     return await run_with_retries(once)
+
+
+async def ping() -> None:
+    """One round trip through sql(): returns when the database answers, and
+    raises what any statement would when it cannot (GET /api/health)."""
+    await sql.fetchval("select 1")

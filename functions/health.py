@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from database import DatabaseUnavailable, sql
+from database import DatabaseUnavailable, ping
 from database.model import Model
 from functions.app import build_app
 from functions.errors import error_response
@@ -41,7 +41,7 @@ def _degraded() -> Response:
 async def health(request: Request) -> Response:
     """Liveness and database reachability."""
     try:
-        await sql.fetchval("select 1")
+        await ping()
     except DatabaseUnavailable:
         return _degraded()
     except Exception:
