@@ -187,10 +187,10 @@ create table if not exists usage_logs (
     action     text not null check (action in ('generation', 'download', 'signup')),
     source_ip  inet,
     reference  text,
+    -- a keyed request (a download) is logged once per key (migration 0003)
+    idempotency_key text,
     created_at timestamptz not null default now()
 );
--- migration 0003: a keyed request (a download) is logged once per key
-alter table usage_logs add column if not exists idempotency_key text;
 
 create index if not exists usage_logs_user_action_created_idx on usage_logs (user_id, action, created_at);
 -- the anonymous signup limit counts by source address
@@ -224,6 +224,8 @@ create table if not exists payments (
     created_at          timestamptz not null default now(),
     updated_at          timestamptz not null default now(),
     paid_at             timestamptz,
+    -- when the reconciler last asked YooKassa about it (migration 0004)
+    reconciled_at       timestamptz,
     constraint payments_idempotency_key unique (user_id, idempotency_key)
 );
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 from database import DreamLensError
 from functions import metrics, runtime
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("dreamlens.jobs")
 
 Job = Callable[[], Coroutine[Any, Any, dict[str, Any]]]
+
+# open payments asked about per statement; a run asks about each one once
+RECONCILE_PAGE_SIZE = 100
 
 
 def _minutes(name: str, default: int) -> timedelta:
@@ -91,9 +95,11 @@ async def reconcile_payments(now: datetime | None = None, stop_at: float | None 
     few failed runs lose nothing), and any not applied here (its
     notification lost) is applied, taking its tokens back.
 
+    A run asks about every open payment once, page by page, those asked
+    about least recently first: payments that stay open for hours (unpaid,
+    or refused on an amount mismatch) cannot keep newer ones waiting.
     `stop_at` (time.monotonic()) ends the run early, before the Lambda's own
     timeout would cut a payment off mid-way; the next run takes the rest."""
-    from functions import payment_sync
     from functions.yookassa import default_client
 
     now = now or datetime.now(UTC)
@@ -101,21 +107,9 @@ async def reconcile_payments(now: datetime | None = None, stop_at: float | None 
     abandoned = await payments.cancel_abandoned_payments(abandon_before)
     older_than = now - _minutes("PAYMENT_RECONCILE_AFTER_MINUTES", 10)
     client = default_client()
-    checked = changed = failed = 0
-    for payment in await payments.open_payments(older_than):
-        if stop_at is not None and time.monotonic() >= stop_at:
-            break
-        checked += 1
-        try:
-            result = await payment_sync.sync_payment(client, payment.provider_payment_id or "")
-        except DreamLensError as exc:
-            # one provider hiccup must not stop the others; the next run retries
-            failed += 1
-            log.warning("reconcile of payment %s failed: %s", payment.id, exc.code)
-            continue
-        changed += int(result.changed)
+    checked, changed, failed = await _reconcile_open_payments(client, older_than, stop_at)
     refunds = 0
-    if stop_at is None or time.monotonic() < stop_at:
+    if not _out_of_time(stop_at):
         try:
             refunds, refunds_failed = await _reconcile_refunds(client, now, stop_at)
             failed += refunds_failed
@@ -137,6 +131,42 @@ async def reconcile_payments(now: datetime | None = None, stop_at: float | None 
         "abandoned": abandoned,
         "refunds": refunds,
     }
+
+
+def _out_of_time(stop_at: float | None) -> bool:
+    return stop_at is not None and time.monotonic() >= stop_at
+
+
+async def _reconcile_open_payments(
+    client: YooKassaClient, older_than: datetime, stop_at: float | None
+) -> tuple[int, int, int]:
+    """Ask about every payment open since before `older_than`, once, page by
+    page, the least recently asked first: (checked, changed, failed)."""
+    from functions import payment_sync
+
+    asked: list[UUID] = []
+    changed = failed = 0
+    while not _out_of_time(stop_at):
+        page = await payments.open_payments(older_than, RECONCILE_PAGE_SIZE, skip=asked)
+        if not page:
+            break
+        asked_now: list[UUID] = []
+        for payment in page:
+            if _out_of_time(stop_at):
+                break
+            asked_now.append(payment.id)
+            try:
+                result = await payment_sync.sync_payment(client, payment.provider_payment_id or "")
+            except DreamLensError as exc:
+                # one provider hiccup must not stop the others; a later run retries
+                failed += 1
+                log.warning("reconcile of payment %s failed: %s", payment.id, exc.code)
+                continue
+            changed += int(result.changed)
+        # failed ones too: each goes behind the others until its turn comes again
+        await payments.mark_reconciled(asked_now)
+        asked += asked_now
+    return len(asked), changed, failed
 
 
 async def _reconcile_refunds(client: YooKassaClient, now: datetime, stop_at: float | None) -> tuple[int, int]:

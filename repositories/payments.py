@@ -23,6 +23,7 @@ and payment_refunds' primary key are second guards.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -389,15 +390,35 @@ select 'payment', provider_payment_id
 
 OPEN_PAYMENTS = """
 -- name: open_payments
--- the reconciler's question (served by payments_open_created_at_idx): which
--- payments has the provider still not settled after a while?
+-- the reconciler's question: which payments has the provider still not
+-- settled after a while? The least recently asked about first (never asked,
+-- first of all), so payments that stay open for hours (unpaid, or refused
+-- on an amount mismatch) cannot hold the head of every run; $3 those this
+-- run has asked about already. payments_open_created_at_idx finds the open
+-- ones, few enough to sort.
 select *
   from payments
  where status in ('pending', 'waiting_for_capture')
    and provider_payment_id is not null
    and created_at < $1
- order by created_at
+   and id <> all($3::uuid[])
+ order by reconciled_at nulls first, created_at, id
  limit $2
+"""
+
+MARK_RECONCILED = """
+-- name: mark_reconciled
+-- A row a notification or a link holds is skipped, not waited for: it is
+-- being settled, and waiting could deadlock with a statement that locks
+-- several payments in another order.
+update payments p
+   set reconciled_at = now()
+  from (select id
+          from payments
+         where id = any($1::uuid[])
+         order by id
+           for update skip locked) asked
+ where p.id = asked.id
 """
 
 
@@ -543,12 +564,22 @@ async def apply_refund(
     return ApplyResult(payment=payment, changed=bool(row["changed"]), credited_tokens=row["credited_tokens"])
 
 
-async def open_payments(older_than: datetime, limit: int = 100, db: Executor = sql) -> list[Payment]:
+async def open_payments(
+    older_than: datetime, limit: int = 100, skip: Sequence[UUID] = (), db: Executor = sql
+) -> list[Payment]:
     """Payments still pending or waiting for capture at the provider, created
-    before `older_than`, oldest first (for the reconciler)."""
+    before `older_than` and not in `skip`: those the reconciler asked about
+    least recently first (mark_reconciled), then the oldest."""
     if not 1 <= limit <= MAX_OPEN_PAYMENTS:
         raise InvalidRequest(f"limit must be between 1 and {MAX_OPEN_PAYMENTS}")
-    return [_payment(row) for row in await db.fetch(OPEN_PAYMENTS, older_than, limit)]
+    rows = await db.fetch(OPEN_PAYMENTS, older_than, limit, list(skip))
+    return [_payment(row) for row in rows]
+
+
+async def mark_reconciled(payment_ids: Sequence[UUID], db: Executor = sql) -> None:
+    """Note that the reconciler asked YooKassa about these payments now."""
+    if payment_ids:
+        await db.execute(MARK_RECONCILED, list(payment_ids))
 
 
 async def cancel_abandoned_payments(older_than: datetime, limit: int = 100, db: Executor = sql) -> int:

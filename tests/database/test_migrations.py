@@ -139,6 +139,7 @@ async def test_code_deployed_before_its_migration_applies_it_on_first_need(fresh
             "drop trigger trigger_payments_keep_their_plan on payments;"
             " alter table payments drop column plan, drop column period_days;"
             " alter table usage_logs drop column idempotency_key;"
+            " alter table payments drop column reconciled_at;"
             " delete from schema_migrations where version >= 2"
         )
         user_id = await connection.fetchval(

@@ -179,6 +179,30 @@ async def test_the_reconciler_stops_before_its_deadline_and_the_next_run_goes_on
     assert await db.balance(admin, await buyer(admin, "device-flow-late1")) == 5 + 50
 
 
+async def test_a_backlog_of_unpaid_payments_does_not_hide_a_paid_one_from_the_reconciler(
+    fake: FakeYooKassa, http: httpx.AsyncClient, admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bug: a run asked only about the 100 oldest open payments. With more
+    unpaid ones than that (checkouts left open), a newer paid payment whose
+    notification was lost waited until the backlog expired at YooKassa. A
+    run now goes through every open payment, page by page (here pages of 4)."""
+    monkeypatch.setattr(jobs, "RECONCILE_PAGE_SIZE", 4)
+    for _ in range(9):
+        await create(http, "device-flow-backlog")
+    await admin.execute("update payments set created_at = created_at - interval '1 minute'")
+    paid = await create(http, "device-flow-backlog", "tokens_200")
+    await fake.succeed(await provider_id(admin, paid["id"]))  # notification lost
+    later = datetime.now(UTC) + timedelta(minutes=30)
+
+    assert await jobs.reconcile_payments(now=later) == run(10, 1, 0)
+    assert await db.balance(admin, await buyer(admin, "device-flow-backlog")) == 5 + 200
+    asked = [r.path for r in fake.requests if r.method == "GET" and r.path.startswith("/v3/payments/")]
+    assert len(asked) == len(set(asked)) == 10
+    assert await admin.fetchval("select count(*) from payments where reconciled_at is null") == 0
+    # the unpaid ones stay open, and the next run asks about each once again
+    assert await jobs.reconcile_payments(now=later) == run(9, 0, 0)
+
+
 # ------------------------------------------------------- refunds reconciled
 
 

@@ -20,6 +20,7 @@ from repositories.payments import (
     create_pending_payment,
     get_payment,
     get_payment_by_provider_id,
+    mark_reconciled,
     open_payments,
 )
 from tests import db
@@ -550,6 +551,37 @@ async def test_open_payments_are_the_unsettled_ones_with_a_provider_id(admin: as
     assert await open_payments(cut_off - timedelta(days=1)) == []
     with pytest.raises(InvalidRequest):
         await open_payments(cut_off, limit=0)
+
+
+async def test_open_payments_come_least_recently_asked_about_first(admin: asyncpg.Connection) -> None:
+    """A backlog that stays open (unpaid for hours) must not hold the head of
+    every run: once asked about, a payment goes behind the ones not asked
+    about yet, whatever their age, and `skip` leaves out this run's."""
+    user_id = await new_user(admin)
+    made = [await attached_payment(user_id, provider_id=f"pp-turn-{n}") for n in range(4)]
+    for n, payment in enumerate(made):
+        # made[3] the oldest
+        await admin.execute(
+            "update payments set created_at = now() - interval '1 hour' - $2 * interval '1 minute'"
+            " where id = $1",
+            payment.id,
+            n,
+        )
+    cut_off = await admin.fetchval("select now() - interval '10 minutes'")
+    assert [p.id for p in await open_payments(cut_off)] == [made[3].id, made[2].id, made[1].id, made[0].id]
+    rows_before = await admin.fetch("select id, status, updated_at from payments order by id")
+
+    await mark_reconciled([made[3].id, made[2].id])
+    assert [p.id for p in await open_payments(cut_off)] == [made[1].id, made[0].id, made[3].id, made[2].id]
+    await mark_reconciled([made[1].id])
+    await mark_reconciled([made[3].id])
+    assert [p.id for p in await open_payments(cut_off)] == [made[0].id, made[2].id, made[1].id, made[3].id]
+    skipping = await open_payments(cut_off, skip=[made[0].id, made[1].id])
+    assert [p.id for p in skipping] == [made[2].id, made[3].id]
+    assert await admin.fetchval("select count(*) from payments where reconciled_at is not null") == 3
+    # asking moves nothing: status and updated_at are as they were
+    assert await admin.fetch("select id, status, updated_at from payments order by id") == rows_before
+    await mark_reconciled([])
 
 
 async def test_only_old_payments_without_a_provider_payment_are_abandoned(admin: asyncpg.Connection) -> None:
