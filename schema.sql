@@ -187,7 +187,7 @@ create table if not exists usage_logs (
     action     text not null check (action in ('generation', 'download', 'signup')),
     source_ip  inet,
     reference  text,
-    -- a keyed request (a download) is logged once per key (migration 0003)
+    -- a keyed request (a download) is logged once per key (migration 0004)
     idempotency_key text,
     created_at timestamptz not null default now()
 );
@@ -224,7 +224,7 @@ create table if not exists payments (
     created_at          timestamptz not null default now(),
     updated_at          timestamptz not null default now(),
     paid_at             timestamptz,
-    -- when the reconciler last asked YooKassa about it (migration 0004)
+    -- when the reconciler last asked YooKassa about it (migration 0003)
     reconciled_at       timestamptz,
     constraint payments_idempotency_key unique (user_id, idempotency_key)
 );
