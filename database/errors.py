@@ -7,13 +7,13 @@
      │    └── DeviceLinked      a device id that now belongs to a Clerk account
      ├── NotFound
      ├── Conflict              a unique key already taken
+     │    └── SchemaTooNew      the database was migrated by newer code
      ├── InsufficientTokens    carries balance and cost
      ├── RateLimited           carries retry_after (seconds)
      ├── Unavailable           carries retry_after (seconds)
      │    ├── DatabaseUnavailable
      │    └── ProviderUnavailable
-     ├── ConfigurationError    the environment is incomplete; names the variables
-     └── SchemaTooNew          the database was migrated by newer code
+     └── ConfigurationError    the environment is incomplete; names the variables
 
 Each carries a stable `code` (the API's error code). HTTP statuses are
 assigned in one place in functions/, never here. asyncpg raises one class per
@@ -162,6 +162,10 @@ def translate(exc: BaseException) -> BaseException:
     if isinstance(exc, asyncpg.QueryCanceledError):
         # statement_timeout: the statement was rolled back as a whole
         return DatabaseUnavailable("Database statement timed out")
+    if isinstance(exc, asyncpg.LockNotAvailableError):
+        # lock_timeout (a migration's, or the role's): not retried, as waiting
+        # again would only wait again; the caller tries later
+        return DatabaseUnavailable("Database is busy; try again shortly")
     if isinstance(exc, asyncpg.InsufficientResourcesError):
         return DatabaseUnavailable("Database has no capacity right now")
     if is_transient(exc):

@@ -114,6 +114,22 @@ async def test_fast_statement_is_not_logged(caplog: pytest.LogCaptureFixture) ->
     assert caplog.records == []
 
 
+async def test_a_lock_timeout_is_unavailable_and_not_retried(admin: asyncpg.Connection) -> None:
+    """A migration waits for its locks under lock_timeout (and a role may set
+    one): running out of it is a 503 to try again later, not a 500."""
+    user_id = await db.insert_user(admin, clerk_id="user_lock_timeout")
+
+    async def wait_for_the_wallet(tx: Transaction) -> None:
+        await tx.execute("set local lock_timeout = '50ms'")
+        await tx.execute("select 1 from user_tokens where user_id = $1 for update", user_id)
+
+    async with admin.transaction():
+        await admin.execute("select 1 from user_tokens where user_id = $1 for update", user_id)
+        with stats.collect() as counted, pytest.raises(DatabaseUnavailable, match="busy"):
+            await run_in_transaction(wait_for_the_wallet)
+    assert counted.retries == 0
+
+
 async def test_failed_unit_of_work_rolls_back_every_statement(admin: asyncpg.Connection) -> None:
     with pytest.raises(Conflict):
         async with transaction() as tx:
