@@ -27,8 +27,11 @@ log = logging.getLogger("dreamlens.jobs")
 
 Job = Callable[[], Coroutine[Any, Any, dict[str, Any]]]
 
-# open payments asked about per statement; a run asks about each one once
+# open payments asked about per statement; a run asks about each one once,
+# and about RECONCILE_MAX_CHECKS at most (one YooKassa call each): a larger
+# backlog is covered by the next runs, least recently asked first
 RECONCILE_PAGE_SIZE = 100
+RECONCILE_MAX_CHECKS = 1000
 
 
 def _minutes(name: str, default: int) -> timedelta:
@@ -95,9 +98,10 @@ async def reconcile_payments(now: datetime | None = None, stop_at: float | None 
     few failed runs lose nothing), and any not applied here (its
     notification lost) is applied, taking its tokens back.
 
-    A run asks about every open payment once, page by page, those asked
-    about least recently first: payments that stay open for hours (unpaid,
-    or refused on an amount mismatch) cannot keep newer ones waiting.
+    A run asks about every open payment once (up to RECONCILE_MAX_CHECKS),
+    page by page, those asked about least recently first: payments that stay
+    open for hours (unpaid, or refused on an amount mismatch) cannot keep
+    newer ones waiting, nor the refunds, which are reconciled first.
     `stop_at` (time.monotonic()) ends the run early, before the Lambda's own
     timeout would cut a payment off mid-way; the next run takes the rest."""
     from functions.yookassa import default_client
@@ -107,15 +111,17 @@ async def reconcile_payments(now: datetime | None = None, stop_at: float | None 
     abandoned = await payments.cancel_abandoned_payments(abandon_before)
     older_than = now - _minutes("PAYMENT_RECONCILE_AFTER_MINUTES", 10)
     client = default_client()
-    checked, changed, failed = await _reconcile_open_payments(client, older_than, stop_at)
-    refunds = 0
+    # refunds first: their work is bounded (MAX_REFUND_PAGES), while a backlog
+    # of open payments may take all the time a run has
+    refunds = failed = 0
     if not _out_of_time(stop_at):
         try:
-            refunds, refunds_failed = await _reconcile_refunds(client, now, stop_at)
-            failed += refunds_failed
+            refunds, failed = await _reconcile_refunds(client, now, stop_at)
         except DreamLensError as exc:
             failed += 1
             log.warning("listing refunds failed: %s", exc.code)
+    checked, changed, payments_failed = await _reconcile_open_payments(client, older_than, stop_at)
+    failed += payments_failed
     metrics.emit(
         {
             "PaymentsReconciled": changed,
@@ -141,13 +147,15 @@ async def _reconcile_open_payments(
     client: YooKassaClient, older_than: datetime, stop_at: float | None
 ) -> tuple[int, int, int]:
     """Ask about every payment open since before `older_than`, once, page by
-    page, the least recently asked first: (checked, changed, failed)."""
+    page, the least recently asked first, up to RECONCILE_MAX_CHECKS:
+    (checked, changed, failed)."""
     from functions import payment_sync
 
     asked: list[UUID] = []
     changed = failed = 0
-    while not _out_of_time(stop_at):
-        page = await payments.open_payments(older_than, RECONCILE_PAGE_SIZE, skip=asked)
+    while not _out_of_time(stop_at) and len(asked) < RECONCILE_MAX_CHECKS:
+        page_size = min(RECONCILE_PAGE_SIZE, RECONCILE_MAX_CHECKS - len(asked))
+        page = await payments.open_payments(older_than, page_size, skip=asked)
         if not page:
             break
         asked_now: list[UUID] = []
