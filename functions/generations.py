@@ -188,7 +188,12 @@ def presigned_get_url(bucket: str, key: str, expires_in: int) -> str:
     return url
 
 
-@endpoint(auth="user", response=Download, errors=[409, 422], idempotent=True)
+@endpoint(
+    auth="user",
+    response=Download,
+    errors=[409, 422],
+    idempotent="A repeat for the same generation answers a fresh URL and logs no second download",
+)
 async def download_generation(request: Request) -> Response:
     """A presigned S3 URL for the image of one of the caller's succeeded generations.
 

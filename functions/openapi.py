@@ -95,7 +95,9 @@ class Endpoint:
     summary: str | None = None
     # a list endpoint: `limit` and `before` (parsed as this type) in the query
     paged: type | None = None
-    idempotent: bool = False
+    # an Idempotency-Key header: True, or what a repeat with the key answers
+    # where that is not simply the first response
+    idempotent: bool | str = False
     # every endpoint but the document itself may answer 503 when the database is down
     uses_database: bool = True
 
@@ -109,7 +111,7 @@ def endpoint(
     errors: Iterable[int] = (),
     summary: str | None = None,
     paged: type | None = None,
-    idempotent: bool = False,
+    idempotent: bool | str = False,
     uses_database: bool = True,
 ) -> Callable[[F], F]:
     """Record what a handler takes and gives, for the OpenAPI document."""
@@ -288,7 +290,9 @@ def _operation(
                 "name": "Idempotency-Key",
                 "in": "header",
                 "required": False,
-                "description": "A repeated POST with the same key returns the first response",
+                "description": spec.idempotent
+                if isinstance(spec.idempotent, str)
+                else "A repeated POST with the same key returns the first response",
                 "schema": {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[\\x20-\\x7e]+$"},
             }
         )

@@ -86,14 +86,22 @@ class GenerationResult(RequestModel):
         return self
 
 
-@endpoint(auth="callback", request=Claim, response=ClaimedPage, idempotent=True)
+CLAIM_REPEATED = (
+    "A repeat answers those of the key's generations still processing and takes no more while any"
+    " is; a key whose generations all finished claims anew. Use a new key for each claim"
+)
+
+
+@endpoint(auth="callback", request=Claim, response=ClaimedPage, idempotent=CLAIM_REPEATED)
 async def claim(request: Request) -> Response:
     """Claim up to `limit` pending generations for `lease_seconds`, oldest first.
 
-    Repeated with the same `Idempotency-Key`, it answers the generations the
-    first claim took that are still processing, and takes no more. (A repeat
-    sent while the first is still running takes a batch of its own; a third
-    try with the key then answers both.)
+    Repeated with the same `Idempotency-Key` (after its answer was lost), it
+    answers the generations that claim took which are still processing, and
+    takes no more while any is. A key whose generations have all finished (or
+    gone back to the queue) claims anew: use a new key for each claim, unique
+    across workers. A repeat sent while the first is still running takes a
+    batch of its own; a third try with the key then answers both.
     403 for a wrong or missing X-Callback-Secret, and for every caller while
     GENERATION_CALLBACK_SECRET is unset.
     """

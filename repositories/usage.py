@@ -27,8 +27,9 @@ values ($1, $2, $3::inet, $4)
 LOG_USAGE_ONCE = """
 -- name: log_usage_once
 -- The same request again (the client's Idempotency-Key, or sql() retrying a
--- statement whose commit it did not hear of) finds its row and adds none. The
--- user's rows of the action are reached through (user_id, action, created_at).
+-- statement whose commit it did not hear of) finds its row and adds none; a
+-- key reused for another reference (another generation) is another request.
+-- The user's rows of the action are reached through (user_id, action, created_at).
 -- Two requests with one key at the same instant may both be logged: a usage
 -- row moves no tokens, and a unique index would lock the table to build.
 insert into usage_logs (user_id, action, source_ip, reference, idempotency_key)
@@ -37,7 +38,8 @@ select $1, $2, $3::inet, $4, $5
                      from usage_logs
                     where user_id = $1
                       and action = $2
-                      and idempotency_key = $5)
+                      and idempotency_key = $5
+                      and reference is not distinct from $4)
 """
 
 
@@ -49,7 +51,7 @@ async def log_usage(
     key: str | None = None,
     db: Executor = sql,
 ) -> None:
-    """Record one action; with a `key`, once per user, action and key.
+    """Record one action; with a `key`, once per user, action, key and reference.
     `source_ip` is an address ("203.0.113.7", "::1"); a malformed one is an
     InvalidRequest."""
     if action not in ACTIONS:

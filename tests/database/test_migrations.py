@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -162,3 +163,41 @@ async def test_code_deployed_before_its_migration_applies_it_on_first_need(fresh
         )
         == 1
     )
+
+
+@pytest.mark.parametrize("missing", ["payments.reconciled_at", "usage_logs.idempotency_key"])
+async def test_a_statement_naming_a_newer_column_applies_its_migration_first(
+    fresh_database: str, missing: str
+) -> None:
+    """0003's and 0004's columns, each met first by the statement that needs
+    it (the reconciler's page, the keyed usage log) on a database without it."""
+    from repositories import payments, usage
+
+    await init_database()
+    table, column = missing.split(".")
+    connection = await asyncpg.connect(fresh_database)
+    try:
+        await connection.execute(
+            f"alter table {table} drop column {column}; delete from schema_migrations where version >= 3"
+        )
+        user_id = await connection.fetchval(
+            "insert into users (device_id) values ('device-newer-col') returning id"
+        )
+    finally:
+        await connection.close()
+    migrations_module.forget_initialized()
+    if table == "payments":
+        assert await payments.open_payments(datetime.now(UTC)) == []
+    else:
+        await usage.log_usage(user_id, "download", None, reference="g1", key="k1")
+        await usage.log_usage(user_id, "download", None, reference="g1", key="k1")
+        assert await sql.fetchval("select count(*) from usage_logs where action = 'download'") == 1
+    assert (
+        await sql.fetchval(
+            "select count(*) from information_schema.columns where table_name = $1 and column_name = $2",
+            table,
+            column,
+        )
+        == 1
+    )
+    assert all(state.startswith("applied") for _, _, state in await migration_status())

@@ -25,6 +25,8 @@ async def test_a_keyed_action_is_logged_once_per_user_action_and_key(admin: asyn
     for _ in range(3):
         await usage.log_usage(user_id, "download", "203.0.113.7", reference="g1", key="k1")
     await usage.log_usage(user_id, "download", "203.0.113.7", reference="g1", key="k2")
+    await usage.log_usage(user_id, "download", "203.0.113.7", reference="g2", key="k1")
+    await usage.log_usage(user_id, "download", "203.0.113.7", reference="g2", key="k1")
     await usage.log_usage(user_id, "generation", "203.0.113.7", reference="g1", key="k1")
     await usage.log_usage(other, "download", "203.0.113.7", reference="g1", key="k1")
     await usage.log_usage(user_id, "download", "203.0.113.7", reference="g1")
@@ -33,6 +35,7 @@ async def test_a_keyed_action_is_logged_once_per_user_action_and_key(admin: asyn
     )
     assert sorted((row["user_id"], row["action"], row["idempotency_key"] or "") for row in rows) == sorted(
         [
+            (user_id, "download", "k1"),
             (user_id, "download", "k1"),
             (user_id, "download", "k2"),
             (user_id, "download", ""),
