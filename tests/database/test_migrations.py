@@ -33,6 +33,15 @@ async def fresh_database(admin: asyncpg.Connection, schema: str) -> AsyncIterato
         await admin.execute(f'drop database "{name}" with (force)')
 
 
+async def has_column(table: str, column: str) -> bool:
+    found: bool = await sql.fetchval(
+        "select exists (select 1 from information_schema.columns where table_name = $1 and column_name = $2)",
+        table,
+        column,
+    )
+    return found
+
+
 async def test_fifty_concurrent_first_queries_initialize_once(fresh_database: str) -> None:
     results = await asyncio.gather(
         *(sql.fetchval("select count(*) from plans") for _ in range(50)),
@@ -93,13 +102,6 @@ async def test_newer_migration_is_applied_once_in_order(
     assert await init_database() == []
     assert await sql.fetchval("select count(*) from migration_marker") == 1
     assert all(state.startswith("applied") for _, _, state in await migration_status())
-    assert (
-        await sql.fetchval(
-            "select count(*) from information_schema.columns"
-            " where table_name = 'usage_logs' and column_name = 'idempotency_key'"
-        )
-        == 1
-    )
 
 
 async def test_badly_named_migration_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -156,13 +158,7 @@ async def test_code_deployed_before_its_migration_applies_it_on_first_need(fresh
     assert result.changed and result.credited_tokens == 200
     assert await sql.fetchval("select plan from subscriptions where user_id = $1", user_id) == "pro"
     assert all(state.startswith("applied") for _, _, state in await migration_status())
-    assert (
-        await sql.fetchval(
-            "select count(*) from information_schema.columns"
-            " where table_name = 'usage_logs' and column_name = 'idempotency_key'"
-        )
-        == 1
-    )
+    assert await has_column("usage_logs", "idempotency_key")
 
 
 @pytest.mark.parametrize("missing", ["payments.reconciled_at", "usage_logs.idempotency_key"])
@@ -192,12 +188,5 @@ async def test_a_statement_naming_a_newer_column_applies_its_migration_first(
         await usage.log_usage(user_id, "download", None, reference="g1", key="k1")
         await usage.log_usage(user_id, "download", None, reference="g1", key="k1")
         assert await sql.fetchval("select count(*) from usage_logs where action = 'download'") == 1
-    assert (
-        await sql.fetchval(
-            "select count(*) from information_schema.columns where table_name = $1 and column_name = $2",
-            table,
-            column,
-        )
-        == 1
-    )
+    assert await has_column(table, column)
     assert all(state.startswith("applied") for _, _, state in await migration_status())

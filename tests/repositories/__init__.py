@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Iterable
 from contextlib import asynccontextmanager
+from typing import Any
 from uuid import UUID, uuid4
 
 from database import config, pool
@@ -13,6 +15,17 @@ from repositories.payments import (
     attach_provider_payment,
     create_pending_payment,
 )
+
+
+async def side_by_side(pairs: Iterable[tuple[Awaitable[Any], Awaitable[Any]]]) -> list[Any]:
+    """Every pair's two calls at once, all pairs together, each pair started in
+    the other order from the one before, so that both orders race."""
+    steps = [
+        step
+        for n, (first, second) in enumerate(pairs)
+        for step in ((first, second) if n % 2 else (second, first))
+    ]
+    return list(await asyncio.gather(*steps))
 
 
 @asynccontextmanager

@@ -28,6 +28,7 @@ from database import (
 from repositories import generations
 from repositories.generations import CreatedGeneration
 from tests import db
+from tests.repositories import side_by_side
 
 
 @pytest.fixture
@@ -251,16 +252,8 @@ async def test_spends_racing_links_leave_no_generation_on_a_linked_device(
             return False
         return True
 
-    outcomes = await asyncio.gather(
-        *(
-            step
-            for n, device in enumerate(devices)
-            for step in (
-                (spend(device.id), users.link_device(account.id, device.device_id or ""))
-                if n % 2
-                else (users.link_device(account.id, device.device_id or ""), spend(device.id))
-            )
-        )
+    outcomes = await side_by_side(
+        (spend(device.id), users.link_device(account.id, device.device_id or "")) for device in devices
     )
     made = sum(outcome for outcome in outcomes if isinstance(outcome, bool))
     owners = [row["user_id"] for row in await admin.fetch("select user_id from generations")]

@@ -23,7 +23,7 @@ from database import (
 )
 from repositories import payments, subscriptions, tokens, users
 from tests import db
-from tests.repositories import attached_payment, paid_payment, wide_pool
+from tests.repositories import attached_payment, paid_payment, side_by_side, wide_pool
 
 LIMIT = 5
 
@@ -440,16 +440,8 @@ async def test_payments_started_while_linking_all_reach_the_account(
             return False
         return True
 
-    outcomes = await asyncio.gather(
-        *(
-            step
-            for n, device in enumerate(devices)
-            for step in (
-                (buy(device.id), users.link_device(account.id, device.device_id or ""))
-                if n % 2
-                else (users.link_device(account.id, device.device_id or ""), buy(device.id))
-            )
-        )
+    outcomes = await side_by_side(
+        (buy(device.id), users.link_device(account.id, device.device_id or "")) for device in devices
     )
     bought = sum(outcome for outcome in outcomes if isinstance(outcome, bool))
     owners = [row["user_id"] for row in await admin.fetch("select user_id from payments")]
@@ -737,22 +729,12 @@ async def test_links_and_the_device_payments_notifications_at_once_never_deadloc
         device = await users.get_or_create_device_user(f"device-dl-{n:04}", None, LIMIT)
         pairs.append((account, device, await attached_payment(device.id)))
     with stats.collect() as counted:
-        await asyncio.gather(
-            *(
-                step
-                for n, (account, device, payment) in enumerate(pairs)
-                for step in (
-                    (
-                        users.link_device(account.id, device.device_id or ""),
-                        payments.apply_provider_status(payment.provider_payment_id or "", "succeeded"),
-                    )
-                    if n % 2
-                    else (
-                        payments.apply_provider_status(payment.provider_payment_id or "", "succeeded"),
-                        users.link_device(account.id, device.device_id or ""),
-                    )
-                )
+        await side_by_side(
+            (
+                users.link_device(account.id, device.device_id or ""),
+                payments.apply_provider_status(payment.provider_payment_id or "", "succeeded"),
             )
+            for account, device, payment in pairs
         )
 
     # a deadlock is a failed attempt that sql() retries: none was needed
@@ -780,22 +762,12 @@ async def test_links_and_the_device_generations_failures_at_once_never_deadlock(
         pairs.append((account, device, created.generation.id))
     await generations.claim_generations(20, 60, uuid.uuid4())
     with stats.collect() as counted:
-        await asyncio.gather(
-            *(
-                step
-                for n, (account, device, generation_id) in enumerate(pairs)
-                for step in (
-                    (
-                        users.link_device(account.id, device.device_id or ""),
-                        generations.record_result(generation_id, "failed", None, "gpu lost"),
-                    )
-                    if n % 2
-                    else (
-                        generations.record_result(generation_id, "failed", None, "gpu lost"),
-                        users.link_device(account.id, device.device_id or ""),
-                    )
-                )
+        await side_by_side(
+            (
+                users.link_device(account.id, device.device_id or ""),
+                generations.record_result(generation_id, "failed", None, "gpu lost"),
             )
+            for account, device, generation_id in pairs
         )
 
     assert counted.retries == 0
