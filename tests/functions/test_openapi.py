@@ -188,3 +188,19 @@ def test_the_webhook_documents_400_not_422_for_what_it_cannot_use() -> None:
     operation = document(webhook_routes)["paths"]["/api/payments/webhook"]["post"]
     assert "422" not in operation["responses"]
     assert {"200", "400", "403", "413", "503"} <= set(operation["responses"])
+
+
+def test_a_key_whose_repeat_is_not_the_first_response_says_what_it_is() -> None:
+    from functions.generations import routes as generation_routes
+    from functions.worker import routes as worker_routes
+
+    paths = document([*generation_routes, *worker_routes])["paths"]
+
+    def key_text(path: str) -> str:
+        [header] = [p for p in paths[path]["post"]["parameters"] if p["name"] == "Idempotency-Key"]
+        text: str = header["description"]
+        return text
+
+    assert key_text("/api/generations") == "A repeated POST with the same key returns the first response"
+    assert "fresh URL" in key_text("/api/generations/{id}/download")
+    assert "still processing" in key_text("/api/worker/claim")
