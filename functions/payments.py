@@ -15,6 +15,11 @@ under the same Idempotence-Key, which YooKassa answers with the payment it
 already made. So however often a client repeats, there is one payment row and
 one provider payment.
 
+The package id is checked before the caller is resolved, against the ids
+this process has seen (repositories.packages.package_exists: a round trip
+only for an id not seen yet), so a request for no package writes nothing,
+not even a new device's user.
+
 Tokens are credited by the webhook (functions/webhook.py) or, when its
 notification is lost, by the reconciler (functions/jobs.py), never here.
 """
@@ -148,6 +153,13 @@ async def list_packages(request: Request) -> Response:
     return json_response(PackageList(items=items))
 
 
+def _not_on_sale(package_id: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"No package {package_id!r} can be bought",
+        details=[{"loc": ["body", "package_id"], "msg": "is not a package on sale", "type": "unknown"}],
+    )
+
+
 @endpoint(
     auth="user", request=CreatePayment, response=PaymentCreated, status=201, errors=[409], idempotent=True
 )
@@ -162,19 +174,20 @@ async def create_payment(request: Request) -> Response:
     new one with a new key. `amount` is in minor units.
     """
     # the input first: a new device's first sight writes its user and bonus,
-    # which a request refused for its body must not do
+    # which a request refused for its body must not do. A retired package
+    # passes here: a repeat of a payment made before it was retired still
+    # answers that payment (the statement decides what can be bought).
     no_query_params(request)
     body = await read_json(request, CreatePayment)
     key = idempotency_key(request) or f"auto:{uuid4()}"
+    if not await packages.package_exists(body.package_id):
+        raise _not_on_sale(body.package_id)
     user = await current_user(request)
     try:
         payment, _ = await payments.create_pending_payment(user.id, body.package_id, key)
     except InvalidRequest as exc:
         # the package is the only input the statement can refuse
-        raise InvalidRequest(
-            f"No package {body.package_id!r} can be bought",
-            details=[{"loc": ["body", "package_id"], "msg": "is not a package on sale", "type": "unknown"}],
-        ) from exc
+        raise _not_on_sale(body.package_id) from exc
     if payment.provider_payment_id is None:
         if payment.status != "pending":
             # abandoned by the reconciler: never create a payable payment for it

@@ -20,6 +20,7 @@ import asyncpg
 import pytest
 
 from database import cache, config, migrations, pool
+from repositories import packages
 from tests import db, pgbouncer
 
 # Lambda-only behaviour is switched on per test, never by the environment a
@@ -80,6 +81,7 @@ async def clean_database(schema: str, direct_url: str) -> AsyncIterator[None]:
     finally:
         await connection.close()
     cache.clear()
+    packages.forget_package_ids()
     yield
     config.reset()
 

@@ -183,6 +183,25 @@ async def test_an_unknown_package_is_refused_and_nothing_is_written(
     assert response.body["details"][0]["loc"][-1] == "package_id"
     assert await payment_count(admin) == 0
     assert fake.requests == []
+    # not even the new device's user, its welcome bonus or its signup slot
+    assert await admin.fetchval("select count(*) from users") == 0
+    assert await admin.fetchval("select count(*) from usage_logs") == 0
+
+
+async def test_a_package_added_while_the_function_is_warm_can_be_bought(
+    fake: FakeYooKassa, admin: asyncpg.Connection
+) -> None:
+    """The ids a process has seen are remembered; one it has not seen is
+    looked up again, so a package added without a deploy sells at once."""
+    assert (await buy("device-new-pkg-01", "tokens_50")).status == 201
+    await admin.execute(
+        "insert into token_packages (id, kind, tokens, amount, currency, description, sort_order)"
+        " values ('tokens_1000', 'tokens', 1000, 99900, 'RUB', '1000 tokens', 50)"
+    )
+    bought = await buy("device-new-pkg-01", "tokens_1000")
+    assert bought.status == 201
+    assert bought.body["package_id"] == "tokens_1000"
+    assert await payment_count(admin) == 2
 
 
 @pytest.mark.parametrize(
