@@ -34,10 +34,14 @@ FEW_FREE_SLOTS = 3
 
 STORED_UNDER_KEY = "select count(*) from generations where idempotency_key = $1"
 APP_BACKENDS = "select count(*) from pg_stat_activity where application_name = 'dreamlens'"
+# every client backend but this admin's and the hogs' ($1) is the app's,
+# whatever its application_name says: a backend still starting up has none yet
 TERMINATE_APP_BACKENDS = """
 select count(pg_terminate_backend(pid))
   from pg_stat_activity
- where application_name = 'dreamlens'
+ where backend_type = 'client backend'
+   and pid <> pg_backend_pid()
+   and pid <> all($1::int[])
 """
 
 
@@ -45,7 +49,7 @@ select count(pg_terminate_backend(pid))
 # hog lets go (the hogs are the superuser, so the reserved slots are theirs too)
 SLOTS = """
 select count(*) >= current_setting('max_connections')::int as full,
-       count(*) filter (where application_name = 'dreamlens') as app
+       count(*) filter (where pid <> pg_backend_pid() and pid <> all($1::int[])) as app
   from pg_stat_activity
  where backend_type = 'client backend'
 """
@@ -57,17 +61,19 @@ async def take_every_slot(url: str, admin: asyncpg.Connection) -> list[asyncpg.C
     backends are terminated and their slots taken until every slot is held
     and none by the app. A terminated backend frees its slot only once it
     has exited, which may be after it left pg_stat_activity: the rounds go
-    on until that slot is taken too, however long the machine takes."""
+    on until that slot is taken too, however long the machine takes. The app
+    is told from the hogs by pid: a backend of the app's still starting up
+    shows no application_name yet, and once counted as a hog it got through."""
     hogs: list[asyncpg.Connection] = []
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        await admin.fetchval(TERMINATE_APP_BACKENDS)
+        await admin.fetchval(TERMINATE_APP_BACKENDS, [hog.get_server_pid() for hog in hogs])
         try:
             while True:
                 hogs.append(await asyncpg.connect(url))
         except (asyncpg.TooManyConnectionsError, asyncpg.CannotConnectNowError):
             pass
-        slots = await admin.fetchrow(SLOTS)
+        slots = await admin.fetchrow(SLOTS, [hog.get_server_pid() for hog in hogs])
         if slots["full"] and slots["app"] == 0:
             return hogs
         await asyncio.sleep(SETTLE_SECONDS)
@@ -109,7 +115,7 @@ async def test_exhausted_connections_answer_503_and_recover_without_restart(
                 seconds=time.perf_counter() - started,
                 status=refused.status_code,
                 retry_after=refused.headers.get("retry-after", ""),
-                error=refused.json()["error"],
+                error=refused.json().get("error", refused.text),
                 stored=await admin.fetchval(STORED_UNDER_KEY, key),
             )
             await asyncio.sleep(ALL_BUSY_SECONDS)
