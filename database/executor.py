@@ -133,7 +133,7 @@ async def _timed(connection: Connection, method: str, query: str, args: tuple[An
 async def _attempt(work: Callable[[], Awaitable[T]]) -> T:
     try:
         return await work()
-    except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError):
+    except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError, asyncpg.UndefinedFunctionError):
         # an empty database, or one this code reached before its migration
         # (a deploy before `init-db`): apply what is missing once, run again
         await ensure_initialized()

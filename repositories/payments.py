@@ -224,11 +224,14 @@ plan_grant as (
       from purchase b
      where b.kind = 'plan'
     on conflict (user_id) where status = 'active' do update
-       set plan               = excluded.plan,
-           -- excluded's end minus its start is the package's period_days
-           current_period_end = greatest(subscriptions.current_period_end, now())
-                                + (excluded.current_period_end - excluded.current_period_start),
-           updated_at         = now()
+       -- the same plan is extended; another is merged, the higher kept and
+       -- the other's time converted into it at their prices (plan_merge).
+       -- excluded's end minus its start is the package's period_days
+       set (plan, current_period_end) = (
+               select m.plan, m.period_end
+                 from plan_merge(subscriptions.plan, subscriptions.current_period_end, excluded.plan,
+                                 excluded.current_period_end - excluded.current_period_start) m),
+           updated_at = now()
     returning id
 )
 select m.*, true as changed, coalesce((select sum(amount) from credit), 0)::int as credited_tokens
@@ -251,7 +254,7 @@ APPLY_REFUND = """
 with target as (
     select p.id, p.user_id, p.amount, p.tokens, p.refunded_amount,
            case when p.plan is null then 'tokens' else 'plan' end as kind,
-           p.period_days, k.description
+           p.plan, p.period_days, k.description
       from payments p
       join token_packages k on k.id = p.package_id
      where p.provider_payment_id = $1
@@ -266,7 +269,7 @@ wallet as (
        for update
 ),
 due as (
-    select g.id as payment_id, g.user_id, g.kind, g.period_days, g.description, g.amount,
+    select g.id as payment_id, g.user_id, g.kind, g.plan, g.period_days, g.description, g.amount,
            g.refunded_amount as refunded_before,
            least(g.amount, g.refunded_amount + $3) as refunded_after,
            (floor(g.tokens::numeric * least(g.amount, g.refunded_amount + $3) / g.amount)
@@ -317,8 +320,9 @@ reversal as (
     returning amount
 ),
 plan_cut as (
-    -- the refunded share of the plan's period comes off the active plan; when
-    -- no paid time is left the plan ends now
+    -- the refunded share of the plan's period comes off the active plan (as
+    -- time on that plan, when the payment bought another: plan_time_in);
+    -- when no paid time is left the plan ends now
     update subscriptions s
        set current_period_end = case when s.current_period_end - c.cut > now()
                                      then s.current_period_end - c.cut
@@ -331,12 +335,14 @@ plan_cut as (
                                      else 'canceled'
                                 end,
            updated_at         = now()
-      from (select k.user_id,
-                   make_interval(days => k.period_days)
-                   * ((k.refunded_after - k.refunded_before)::float8 / k.amount) as cut
+      from (select a.id,
+                   plan_time_in(k.plan, a.plan,
+                                make_interval(days => k.period_days)
+                                * ((k.refunded_after - k.refunded_before)::float8 / k.amount)) as cut
               from take k
+              join subscriptions a on a.user_id = k.user_id and a.status = 'active'
              where k.kind = 'plan') c
-     where s.user_id = c.user_id
+     where s.id = c.id
        and s.status = 'active'
     returning s.id
 )

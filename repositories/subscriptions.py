@@ -83,9 +83,11 @@ async def get_subscription(user_id: UUID, db: Executor = sql, now: datetime | No
 # status, current_period_start, current_period_end.
 # Without an active subscription it inserts one running from now() for $3
 # days. With one, the partial unique index (one active per user) turns the
-# insert into an update: the plan becomes $2 and $3 days are added to the end
-# (or to now() if the period already ran out before the expiry job saw it),
-# so buying another plan mid-period keeps the remaining time. No row when the
+# insert into an update: the same plan gets $3 days more at its end (or from
+# now() if the period already ran out before the expiry job saw it); another
+# plan is merged (plan_merge in schema.sql): the higher of the two is kept and
+# the other's time converted into it at the plans' prices, so no paid time is
+# lost and none gained by switching. No row when the
 # user does not exist. Not idempotent on its own: a caller that may retry it
 # must key it (the payment CTE does, by payment id).
 ACTIVATE_PLAN = """
@@ -95,11 +97,12 @@ select u.id, $2::text, 'active', now(), now() + make_interval(days => $3::intege
  where u.id = $1::uuid
     on conflict (user_id) where status = 'active'
     do update
-   set plan                 = excluded.plan,
+   set (plan, current_period_end) = (
+           select m.plan, m.period_end
+             from plan_merge(subscriptions.plan, subscriptions.current_period_end, excluded.plan,
+                             make_interval(days => $3::integer)) m),
        current_period_start = case when subscriptions.current_period_end > now()
                                    then subscriptions.current_period_start else now() end,
-       current_period_end   = greatest(subscriptions.current_period_end, now())
-                              + make_interval(days => $3::integer),
        updated_at           = now()
 returning id, user_id, plan, status, current_period_start, current_period_end
 """
@@ -124,7 +127,8 @@ select a.plan,
 
 
 async def activate_plan(user_id: UUID, plan: str, days: int, db: Executor = sql) -> Subscription:
-    """Start `plan` for `days`, or extend (and switch to `plan`) the active one.
+    """Start `plan` for `days`, or add them to the active one (converted, and
+    the higher plan kept, when it is another: ACTIVATE_PLAN).
 
     Not idempotent by key: a plan bought with money is activated inside the
     payment's keyed CTE (ACTIVATE_PLAN), not through this function.

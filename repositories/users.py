@@ -413,9 +413,8 @@ payments_moved as (
 device_plan as (
     -- a plan bought on the device is paid time: it goes with the device's
     -- payments (a refund of one of them then shortens the plan it paid for)
-    select s.id, s.plan, s.current_period_end - now() as time_left, p.daily_generation_limit
+    select s.id, s.plan, s.current_period_end - now() as time_left
       from subscriptions s
-      join plans p on p.id = s.plan
      where s.user_id = $2
        and s.status = 'active'
        and s.current_period_end > now()
@@ -423,9 +422,8 @@ device_plan as (
 account_plan as (
     -- active, though perhaps past its end (the expiry job not yet run): the
     -- account can hold one active plan only
-    select s.id, s.current_period_end > now() as running, p.daily_generation_limit
+    select s.id
       from subscriptions s
-      join plans p on p.id = s.plan
      where s.user_id = $1
        and s.status = 'active'
 ),
@@ -438,15 +436,15 @@ plan_moved as (
        and not exists (select 1 from account_plan)
 ),
 plan_merged as (
-    -- both have one: the account keeps one plan, the higher of the two, and
-    -- its paid time grows by what was left of the device's (as a purchase
-    -- during a plan extends it)
+    -- both have one: the account keeps one plan, the higher of the two (or
+    -- the device's, when the account's has run out), and what was left of
+    -- the device's time is added, converted at the plans' prices, as a
+    -- purchase during a plan is (plan_merge)
     update subscriptions s
-       set plan               = case when not a.running
-                                       or d.daily_generation_limit > a.daily_generation_limit
-                                     then d.plan else s.plan end,
-           current_period_end = greatest(s.current_period_end, now()) + d.time_left,
-           updated_at         = now()
+       set (plan, current_period_end) = (
+               select m.plan, m.period_end
+                 from plan_merge(s.plan, s.current_period_end, d.plan, d.time_left) m),
+           updated_at = now()
       from device_plan d, account_plan a
      where s.id = a.id
 ),

@@ -190,3 +190,28 @@ async def test_a_statement_naming_a_newer_column_applies_its_migration_first(
         assert await sql.fetchval("select count(*) from usage_logs where action = 'download'") == 1
     assert await has_column(table, column)
     assert all(state.startswith("applied") for _, _, state in await migration_status())
+
+
+async def test_a_statement_calling_a_newer_function_applies_its_migration_first(fresh_database: str) -> None:
+    """0005's functions, met first by a plan purchase's credit on a database without them."""
+    from repositories.payments import apply_provider_status, attach_provider_payment, create_pending_payment
+
+    await init_database()
+    connection = await asyncpg.connect(fresh_database)
+    try:
+        await connection.execute(
+            "drop function plan_merge, plan_time_in, plan_day_price;"
+            " delete from schema_migrations where version >= 5"
+        )
+        user_id = await connection.fetchval(
+            "insert into users (device_id) values ('device-newer-fn') returning id"
+        )
+    finally:
+        await connection.close()
+    migrations_module.forget_initialized()
+    for n, package_id in enumerate(("pro_month", "premium_month")):
+        payment, _ = await create_pending_payment(user_id, package_id, f"newer-fn-{n}")
+        await attach_provider_payment(payment.id, f"pp-newer-fn-{n}", None)
+        assert (await apply_provider_status(f"pp-newer-fn-{n}", "succeeded")).changed
+    assert await sql.fetchval("select plan from subscriptions where user_id = $1", user_id) == "premium"
+    assert all(state.startswith("applied") for _, _, state in await migration_status())

@@ -303,7 +303,9 @@ async def test_plan_package_activates_the_plan_and_a_second_extends_it(admin: as
     await paid_payment(user_id, "premium_month")
     [plan] = await subscription(admin, user_id)
     assert (plan["plan"], plan["status"]) == ("premium", "active")
-    assert 60 * DAY - 60 < float(plan["seconds_left"]) <= 60 * DAY  # type: ignore[arg-type]
+    # premium's 30 days, and pro's 30 at their worth in premium (499.00 / 1499.00)
+    converted = 30 * DAY + 30 * DAY * 49900 / 149900
+    assert converted - 60 < float(plan["seconds_left"]) <= converted + 1  # type: ignore[arg-type]
     assert await db.balance(admin, user_id) == 10 + 200 + 1000
     keys = [row["idempotency_key"] for row in await db.ledger(admin, user_id)]
     assert keys[1] == f"payment:{first.id}"
@@ -524,6 +526,25 @@ async def test_refunding_one_of_two_plan_purchases_keeps_the_other_period(admin:
     assert plan["status"] == "active"
     assert 30 * DAY - 60 < float(plan["seconds_left"]) <= 30 * DAY  # type: ignore[arg-type]
     assert await db.balance(admin, user_id) == 10 + 200
+    assert await db.audit_problems(admin) == []
+
+
+async def test_refunding_a_plan_bought_on_another_takes_back_what_it_added(admin: asyncpg.Connection) -> None:
+    """Pro bought during premium added its worth in premium days (a third of
+    30); its refund takes back just those, not 30 premium days."""
+    user_id = await new_user(admin)
+    await paid_payment(user_id, "premium_month")
+    pro = await paid_payment(user_id, "pro_month")
+    [plan] = await subscription(admin, user_id)
+    pro_in_premium = 30 * DAY * 49900 / 149900
+    assert plan["plan"] == "premium"
+    assert 30 * DAY + pro_in_premium - 60 < float(plan["seconds_left"]) <= 30 * DAY + pro_in_premium + 1  # type: ignore[arg-type]
+
+    await apply_refund(pro.provider_payment_id or "", "rf-pro-on-premium", 49900)
+    [plan] = await subscription(admin, user_id)
+    assert (plan["plan"], plan["status"]) == ("premium", "active")
+    assert 30 * DAY - 60 < float(plan["seconds_left"]) <= 30 * DAY + 1  # type: ignore[arg-type]
+    assert await db.balance(admin, user_id) == 10 + 1000
     assert await db.audit_problems(admin) == []
 
 

@@ -64,14 +64,53 @@ async def test_activate_then_extend_adds_to_the_end(admin: asyncpg.Connection) -
     assert await admin.fetchval("select count(*) from subscriptions") == 1
 
 
-async def test_buying_another_plan_switches_and_keeps_the_remaining_time(admin: asyncpg.Connection) -> None:
-    user_id = await db.insert_user(admin, clerk_id="user_switch")
+# a day of pro is worth this much of a day of premium (the seeded prices:
+# pro_month 499.00 and premium_month 1499.00 RUB for 30 days each)
+PRO_IN_PREMIUM = 49900 / 149900
+
+
+async def test_buying_a_higher_plan_switches_now_and_converts_the_time_left(
+    admin: asyncpg.Connection,
+) -> None:
+    """Pro's time left becomes premium time at its worth: months of cheap pro
+    bought first do not all become premium with one premium purchase."""
+    user_id = await db.insert_user(admin, clerk_id="user_switch_up")
     pro = await subscriptions.activate_plan(user_id, "pro", 30)
-    premium = await subscriptions.activate_plan(user_id, "premium", 30)
-    assert (premium.plan, premium.daily_generation_limit) == ("premium", 1000)
     assert pro.current_period_end is not None
-    assert premium.current_period_end == pro.current_period_end + timedelta(days=30)
+    before = await db_now(admin)
+    premium = await subscriptions.activate_plan(user_id, "premium", 30)
+    after = await db_now(admin)
+    assert (premium.plan, premium.daily_generation_limit) == ("premium", 1000)
+    assert premium.current_period_end is not None
+    lowest = after + 30 * DAY + (pro.current_period_end - after) * PRO_IN_PREMIUM
+    highest = before + 30 * DAY + (pro.current_period_end - before) * PRO_IN_PREMIUM
+    assert lowest - timedelta(seconds=1) <= premium.current_period_end <= highest + timedelta(seconds=1)
     assert await admin.fetchval("select count(*) from subscriptions where status = 'active'") == 1
+
+
+async def test_buying_a_lower_plan_keeps_the_higher_and_adds_its_worth(admin: asyncpg.Connection) -> None:
+    """A premium user buying pro keeps premium (no premium day is cut down to
+    pro) and gains the pro month's worth of premium days."""
+    user_id = await db.insert_user(admin, clerk_id="user_switch_down")
+    premium = await subscriptions.activate_plan(user_id, "premium", 30)
+    assert premium.current_period_end is not None
+    kept = await subscriptions.activate_plan(user_id, "pro", 30)
+    assert (kept.plan, kept.daily_generation_limit) == ("premium", 1000)
+    assert kept.current_period_end is not None
+    gained = kept.current_period_end - premium.current_period_end
+    assert abs(gained - 30 * DAY * PRO_IN_PREMIUM) < timedelta(seconds=1)
+
+
+async def test_time_on_a_plan_without_a_price_is_added_day_for_day(admin: asyncpg.Connection) -> None:
+    """A plan no package sells (set up by hand) has no price to convert by."""
+    await admin.execute("insert into plans (id, name, daily_generation_limit) values ('team', 'Team', 5000)")
+    user_id = await db.insert_user(admin, clerk_id="user_switch_team")
+    pro = await subscriptions.activate_plan(user_id, "pro", 30)
+    assert pro.current_period_end is not None
+    team = await subscriptions.activate_plan(user_id, "team", 10)
+    assert team.plan == "team"
+    assert team.current_period_end is not None
+    assert abs(team.current_period_end - (pro.current_period_end + 10 * DAY)) < timedelta(seconds=1)
 
 
 async def test_an_ended_period_counts_as_free_and_a_new_purchase_starts_from_now(

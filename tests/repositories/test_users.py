@@ -595,7 +595,7 @@ async def test_a_plan_bought_on_the_device_becomes_the_accounts(admin: asyncpg.C
     ("account_package", "device_package", "kept"),
     [("pro_month", "premium_month", "premium"), ("premium_month", "pro_month", "premium")],
 )
-async def test_both_plans_merge_into_the_higher_with_both_times(
+async def test_both_plans_merge_into_the_higher_with_both_times_at_their_worth(
     admin: asyncpg.Connection, account_package: str, device_package: str, kept: str
 ) -> None:
     account = await users.get_or_create_clerk_user("user_plan_merge")
@@ -611,9 +611,20 @@ async def test_both_plans_merge_into_the_higher_with_both_times(
 
     [(plan, status, _)] = await plans(admin, account.id)
     assert (plan, status) == (kept, "active")
-    # the account's end, plus what was left of the device's when the link ran
+    # both times left when the link ran, pro's converted into premium at its
+    # worth (pro_month 499.00 against premium_month 1499.00 RUB for 30 days)
+    worth = {"pro_month": 49900 / 149900, "premium_month": 1.0}
+
+    def merged_at(moment: datetime) -> datetime:
+        return (
+            moment
+            + (account_end - moment) * worth[account_package]
+            + (device_end - moment) * worth[device_package]
+        )
+
     merged = await plan_end(admin, account.id)
-    assert account_end + (device_end - after) <= merged <= account_end + (device_end - before)
+    ends = sorted((merged_at(before), merged_at(after)))
+    assert ends[0] - timedelta(seconds=1) <= merged <= ends[1] + timedelta(seconds=1)
     [(plan, status, left)] = await plans(admin, device.id)
     assert (plan, status) == (device_package.removesuffix("_month"), "canceled")
     assert left <= timedelta(0)
