@@ -322,40 +322,11 @@ async def list_generations(
 
 CLAIM_GENERATIONS = """
 -- name: claim_generations
--- The table is the queue: the oldest pending rows no other worker holds move
--- to processing under a lease. A claim retried with the same claim id (after
--- an unknown outcome) returns what it already took and takes nothing more.
-with already as (
-    select g.id, g.prompt, g.quality, g.attempt, g.lease_expires_at, g.created_at
-      from generations g
-     where g.status = 'processing'
-       and g.claim_id = $3
-),
-next as (
-    select g.id
-      from generations g
-     where g.status = 'pending'
-       and not exists (select 1 from already)
-     order by g.created_at
-     limit $1
-       for update skip locked
-),
-claimed as (
-    update generations g
-       set status           = 'processing',
-           attempt          = g.attempt + 1,
-           lease_expires_at = now() + $2::integer * interval '1 second',
-           claim_id         = $3,
-           updated_at       = now()
-      from next n
-     where g.id = n.id
- returning g.id, g.prompt, g.quality, g.attempt, g.lease_expires_at, g.created_at
-)
+-- schema.sql's claim_generations(): the oldest pending rows move to processing
+-- under a lease; the same claim id again, even while the first is running,
+-- returns what it took and takes nothing more
 select id, prompt, quality, attempt, lease_expires_at
-  from (select * from already
-        union all
-        select * from claimed) taken
- order by created_at, id
+  from claim_generations($1, $2, $3)
 """
 
 

@@ -215,3 +215,33 @@ async def test_a_statement_calling_a_newer_function_applies_its_migration_first(
         assert (await apply_provider_status(f"pp-newer-fn-{n}", "succeeded")).changed
     assert await sql.fetchval("select plan from subscriptions where user_id = $1", user_id) == "premium"
     assert all(state.startswith("applied") for _, _, state in await migration_status())
+
+
+async def test_a_claim_on_a_database_without_its_function_applies_its_migration_first(
+    fresh_database: str,
+) -> None:
+    """0006's claim_generations(), met first by a worker's claim."""
+    from repositories.generations import claim_generations
+
+    await init_database()
+    connection = await asyncpg.connect(fresh_database)
+    try:
+        await connection.execute(
+            "drop function claim_generations(integer, integer, uuid);"
+            " delete from schema_migrations where version >= 6"
+        )
+        user_id = await connection.fetchval(
+            "insert into users (device_id) values ('device-newer-claim') returning id"
+        )
+        queued = await connection.fetchval(
+            "insert into generations (user_id, prompt, quality, cost)"
+            " values ($1, 'a lighthouse', 'standard', 1) returning id",
+            user_id,
+        )
+    finally:
+        await connection.close()
+    migrations_module.forget_initialized()
+    [claimed] = await claim_generations(limit=5, lease_seconds=60, claim_id=uuid.uuid4())
+    assert claimed.id == queued and claimed.attempt == 1
+    assert await sql.fetchval("select status from generations where id = $1", queued) == "processing"
+    assert all(state.startswith("applied") for _, _, state in await migration_status())

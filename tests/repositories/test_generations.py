@@ -555,6 +555,28 @@ async def test_a_retried_claim_returns_the_same_rows(admin: asyncpg.Connection) 
     assert await admin.fetchval("select max(attempt) from generations") == 1
 
 
+async def test_a_claim_repeated_while_it_runs_takes_one_batch(
+    admin: asyncpg.Connection, wide_pool: None
+) -> None:
+    """A worker that times out and repeats its keyed claim may do so while the
+    first is still running: every repeat answers that one batch, and no
+    second batch is left processing under a lease nobody will report on."""
+    await queue(admin, users=8, each=5)
+    for _ in range(10):
+        claim_id = uuid.uuid4()
+        batches = await asyncio.gather(
+            *(generations.claim_generations(limit=3, lease_seconds=60, claim_id=claim_id) for _ in range(8))
+        )
+        assert all(batch == batches[0] for batch in batches)
+        assert len(batches[0]) == 3
+        held = await admin.fetchval(
+            "select count(*) from generations where status = 'processing' and claim_id = $1", claim_id
+        )
+        assert held == 3
+    assert await admin.fetchval("select count(*) from generations where status = 'processing'") == 30
+    assert await admin.fetchval("select max(attempt) from generations") == 1
+
+
 async def test_claim_refuses_bad_arguments() -> None:
     with pytest.raises(InvalidRequest):
         await generations.claim_generations(limit=0, lease_seconds=60, claim_id=uuid.uuid4())
