@@ -329,8 +329,8 @@ create or replace trigger trigger_payments_keep_their_plan
 -- ------------------------------------------------------ plans bought on plans
 
 -- Time on one plan becomes time on another at the two plans' prices per day
--- (migration 0005): a purchase or a link that meets a different running plan
--- keeps the higher plan and converts the other's time into it.
+-- (migrations 0005 and 0007): a purchase or a link that meets a different
+-- running plan keeps the higher plan and converts the other's time into it.
 
 -- what a day of the plan costs now: its cheapest package on sale, else its
 -- cheapest package ever (a retired plan), else nothing known
@@ -346,17 +346,21 @@ language sql stable as $$
 $$;
 
 -- `span` of `from_plan`'s time as time on `to_plan`; unchanged between the
--- same plan, or when either price is unknown
+-- same plan, or when either price is unknown. Converted in seconds, so the
+-- result is absolute time: days added across a clock change stay 24 hours.
 create or replace function plan_time_in(from_plan text, to_plan text, span interval) returns interval
 language sql stable as $$
     select case when from_plan = to_plan then span
-                else span * coalesce(plan_day_price(from_plan) / nullif(plan_day_price(to_plan), 0), 1)
+                else make_interval(secs => extract(epoch from span)::float8
+                                           * coalesce(plan_day_price(from_plan)
+                                                      / nullif(plan_day_price(to_plan), 0), 1))
            end
 $$;
 
 -- a held plan (running until held_end, or already past it) and time added on
 -- another: the plan kept (the added one when the held one has ended or has
--- the lower daily limit) and its new end, both times converted into it
+-- the lower daily limit) and its new end, both times converted into it. A
+-- held plan that is kept keeps its end as it is, not turned into time and back.
 create or replace function plan_merge(held_plan text, held_end timestamptz, added_plan text, added_time interval)
 returns table (plan text, period_end timestamptz)
 language sql stable as $$
@@ -369,10 +373,26 @@ language sql stable as $$
                end as plan
     )
     select k.plan,
-           now() + plan_time_in(held_plan, k.plan, greatest(held_end, now()) - now())
-                 + plan_time_in(added_plan, k.plan, added_time)
+           case when k.plan = held_plan then greatest(held_end, now())
+                else now() + plan_time_in(held_plan, k.plan, greatest(held_end, now()) - now())
+           end
+           + plan_time_in(added_plan, k.plan, added_time)
       from kept k
 $$;
+
+-- What each plan payment's grant added, so that its refund takes back that
+-- and not the catalogue's price of today: the time, as time on the plan kept
+-- (the payment's own plan, or the higher one it was converted into), the
+-- period end right after the grant (that time is the last of the period, so
+-- none of it is used before ends_at - added), and what refunds took back.
+create table if not exists plan_grants (
+    payment_id  uuid primary key references payments (id),
+    plan        text not null,                     -- a subscriptions.plan
+    added       interval not null check (added > interval '0'),
+    ends_at     timestamptz not null,
+    taken_back  interval not null default interval '0' check (taken_back >= interval '0'),
+    created_at  timestamptz not null default now()
+);
 
 -- --------------------------------------------------------- the welcome bonus
 

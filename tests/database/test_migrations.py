@@ -245,3 +245,27 @@ async def test_a_claim_on_a_database_without_its_function_applies_its_migration_
     assert claimed.id == queued and claimed.attempt == 1
     assert await sql.fetchval("select status from generations where id = $1", queued) == "processing"
     assert all(state.startswith("applied") for _, _, state in await migration_status())
+
+
+async def test_a_plan_credit_on_a_database_without_plan_grants_applies_its_migration_first(
+    fresh_database: str,
+) -> None:
+    """0007's table, met first by a plan purchase's credit, which records its grant."""
+    from repositories.payments import apply_provider_status, attach_provider_payment, create_pending_payment
+
+    await init_database()
+    connection = await asyncpg.connect(fresh_database)
+    try:
+        await connection.execute("drop table plan_grants; delete from schema_migrations where version >= 7")
+        user_id = await connection.fetchval(
+            "insert into users (device_id) values ('device-newer-grants') returning id"
+        )
+    finally:
+        await connection.close()
+    migrations_module.forget_initialized()
+    payment, _ = await create_pending_payment(user_id, "pro_month", "newer-grants")
+    await attach_provider_payment(payment.id, "pp-newer-grants", None)
+    assert (await apply_provider_status("pp-newer-grants", "succeeded")).changed
+    grant = await sql.fetchrow("select plan, added from plan_grants where payment_id = $1", payment.id)
+    assert (grant["plan"], grant["added"].days) == ("pro", 30)
+    assert all(state.startswith("applied") for _, _, state in await migration_status())

@@ -548,6 +548,160 @@ async def test_refunding_a_plan_bought_on_another_takes_back_what_it_added(admin
     assert await db.audit_problems(admin) == []
 
 
+async def days_pass(admin: asyncpg.Connection, user_id: UUID, days: int) -> None:
+    """The user's plan time as it will be `days` from now: every period and
+    every grant's end moved that far into the past."""
+    await admin.execute(
+        "update subscriptions"
+        "   set current_period_start = current_period_start - make_interval(days => $2),"
+        "       current_period_end = current_period_end - make_interval(days => $2)"
+        " where user_id = $1;",
+        user_id,
+        days,
+    )
+    await admin.execute(
+        "update plan_grants g set ends_at = g.ends_at - make_interval(days => $2)"
+        "  from payments p where p.id = g.payment_id and p.user_id = $1",
+        user_id,
+        days,
+    )
+
+
+async def taken_back(admin: asyncpg.Connection, payment_id: UUID) -> float:
+    seconds = await admin.fetchval(
+        "select extract(epoch from taken_back)::float8 from plan_grants where payment_id = $1", payment_id
+    )
+    return float(seconds)
+
+
+async def test_refunding_a_plan_whose_time_ran_out_takes_nothing_from_the_next(
+    admin: asyncpg.Connection,
+) -> None:
+    """Premium ran its 30 days, pro was bought after it; premium's chargeback
+    takes its tokens back but none of the pro time paid for since."""
+    user_id = await new_user(admin)
+    premium = await paid_payment(user_id, "premium_month")
+    await days_pass(admin, user_id, 31)
+    await paid_payment(user_id, "pro_month")
+    [plan] = await subscription(admin, user_id)
+    assert (plan["plan"], plan["status"]) == ("pro", "active")
+
+    await apply_refund(premium.provider_payment_id or "", "rf-used-premium", 149900)
+    [plan] = await subscription(admin, user_id)
+    assert (plan["plan"], plan["status"]) == ("pro", "active")
+    assert 30 * DAY - 60 < float(plan["seconds_left"]) <= 30 * DAY  # type: ignore[arg-type]
+    assert await taken_back(admin, premium.id) == 0
+    assert await db.balance(admin, user_id) == 10 + 200
+    assert await db.audit_problems(admin) == []
+
+
+async def test_partial_refunds_of_a_plan_in_use_take_back_only_what_was_left(
+    admin: asyncpg.Connection,
+) -> None:
+    """Ten of thirty pro days used: a half refund takes back 15 of the 20
+    left, the other half the last 5, and the plan ends."""
+    user_id = await new_user(admin)
+    payment = await paid_payment(user_id, "pro_month")
+    await days_pass(admin, user_id, 10)
+    provider_id = payment.provider_payment_id or ""
+
+    await apply_refund(provider_id, "rf-used-half-1", 24950)
+    [plan] = await subscription(admin, user_id)
+    assert (plan["plan"], plan["status"]) == ("pro", "active")
+    assert 5 * DAY - 60 < float(plan["seconds_left"]) <= 5 * DAY  # type: ignore[arg-type]
+    assert await taken_back(admin, payment.id) == 15 * DAY
+
+    await apply_refund(provider_id, "rf-used-half-2", 24950)
+    [plan] = await subscription(admin, user_id)
+    assert plan["status"] == "canceled"
+    assert float(plan["seconds_left"]) <= 0  # type: ignore[arg-type]
+    assert 20 * DAY - 60 < await taken_back(admin, payment.id) <= 20 * DAY
+    assert await db.audit_problems(admin) == []
+
+
+async def test_a_refund_takes_back_what_the_grant_added_whatever_the_prices_are_now(
+    admin: asyncpg.Connection,
+) -> None:
+    """Pro bought during premium added its worth then (499/1499 of 30 premium
+    days); repricing pro since changes nothing its refund takes back."""
+    user_id = await new_user(admin)
+    await paid_payment(user_id, "premium_month")
+    pro = await paid_payment(user_id, "pro_month")
+    await admin.execute("update token_packages set amount = 99900 where id = 'pro_month'")
+
+    await apply_refund(pro.provider_payment_id or "", "rf-repriced", 49900)
+    [plan] = await subscription(admin, user_id)
+    assert (plan["plan"], plan["status"]) == ("premium", "active")
+    assert 30 * DAY - 60 < float(plan["seconds_left"]) <= 30 * DAY + 1  # type: ignore[arg-type]
+    added = 30 * DAY * 49900 / 149900
+    assert abs(await taken_back(admin, pro.id) - added) < 1
+    assert await db.audit_problems(admin) == []
+
+
+async def test_ten_partial_refunds_at_once_take_back_one_payments_time_once(
+    admin: asyncpg.Connection,
+) -> None:
+    """Two pro months; the first's ten tenths refunded concurrently take back
+    its 30 days exactly, and the second month stays whole."""
+    await wide_pool()
+    user_id = await new_user(admin)
+    first = await paid_payment(user_id, "pro_month")
+    await paid_payment(user_id, "pro_month")
+    provider_id = first.provider_payment_id or ""
+
+    results = await asyncio.gather(*(apply_refund(provider_id, f"rf-tenth-{n}", 4990) for n in range(10)))
+
+    assert all(r.changed for r in results)
+    [plan] = await subscription(admin, user_id)
+    assert (plan["plan"], plan["status"]) == ("pro", "active")
+    assert 30 * DAY - 60 < float(plan["seconds_left"]) <= 30 * DAY  # type: ignore[arg-type]
+    # all of its 30 days but the moments the test has run (its time is used first)
+    assert 30 * DAY - 60 < await taken_back(admin, first.id) <= 30 * DAY
+    assert await admin.fetchval("select count(*) from payment_refunds") == 10
+    assert await db.balance(admin, user_id) == 10 + 200
+    assert await db.audit_problems(admin) == []
+
+
+async def test_a_plan_granted_before_plan_grants_is_refunded_by_its_period(admin: asyncpg.Connection) -> None:
+    """A payment credited by code from before migration 0007 has no grant
+    recorded: a half refund takes back half of its package's 30 days."""
+    user_id = await new_user(admin)
+    payment = await paid_payment(user_id, "pro_month")
+    await admin.execute("delete from plan_grants where payment_id = $1", payment.id)
+    await apply_refund(payment.provider_payment_id or "", "rf-before-grants", 24950)
+    [plan] = await subscription(admin, user_id)
+    assert (plan["plan"], plan["status"]) == ("pro", "active")
+    assert 15 * DAY - 60 < float(plan["seconds_left"]) <= 15 * DAY  # type: ignore[arg-type]
+    assert await admin.fetchval("select count(*) from plan_grants") == 0
+    assert await db.audit_problems(admin) == []
+
+
+async def test_a_refund_racing_a_grant_of_another_plan_takes_back_its_worth_in_the_plan_kept(
+    admin: asyncpg.Connection,
+) -> None:
+    """Pro's refund and a premium purchase arrive together, ten users at once.
+    In either order premium keeps just its own 30 days: pro's time is taken
+    back as pro, or as its worth in premium once premium holds it, never as
+    30 premium days."""
+    await wide_pool()
+    users = [await new_user(admin) for _ in range(10)]
+    pros = [await paid_payment(user_id, "pro_month") for user_id in users]
+    premiums = [await attached_payment(user_id, "premium_month") for user_id in users]
+
+    await asyncio.gather(
+        *(apply_refund(pro.provider_payment_id or "", f"rf-race-{n}", 49900) for n, pro in enumerate(pros)),
+        *(apply_provider_status(premium.provider_payment_id or "", "succeeded") for premium in premiums),
+    )
+
+    for user_id in users:
+        active = [plan for plan in await subscription(admin, user_id) if plan["status"] == "active"]
+        [plan] = active
+        assert plan["plan"] == "premium"
+        assert 30 * DAY - 60 < float(plan["seconds_left"]) <= 30 * DAY + 1  # type: ignore[arg-type]
+        assert await db.balance(admin, user_id) == 10 + 1000
+    assert await db.audit_problems(admin) == []
+
+
 # --------------------------------------------------------------- reconciler
 
 
