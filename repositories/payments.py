@@ -295,8 +295,16 @@ take as (
       from due d
 ),
 recorded as (
-    insert into payment_refunds (provider_refund_id, payment_id, amount, tokens_taken, tokens_short)
-    select $2, k.payment_id, $3, k.tokens_taken, k.tokens_short
+    -- and the plan time it pays for, taken back by plan_refund (schema.sql):
+    -- the refunded share of what the payment's grant added, never more than
+    -- is left of it, under the plan's lock and read after it
+    insert into payment_refunds (provider_refund_id, payment_id, amount, tokens_taken, tokens_short,
+                                 plan_taken)
+    select $2, k.payment_id, $3, k.tokens_taken, k.tokens_short,
+           case when k.kind = 'plan'
+                then plan_refund(k.user_id, k.payment_id, k.plan, k.period_days,
+                                 k.refunded_before::float8 / k.amount, k.refunded_after::float8 / k.amount)
+           end
       from take k
     returning provider_refund_id
 ),
@@ -328,65 +336,6 @@ reversal as (
       from take k
       join debited d on d.user_id = k.user_id
     returning amount
-),
-grant_made as (
-    -- locked, so that of two refunds of one payment the later sees what the
-    -- earlier took back
-    select g.payment_id, g.plan, g.added, g.ends_at, g.taken_back
-      from plan_grants g
-     where g.payment_id = (select id from target)
-       for update
-),
-plan_share as (
-    -- the plan time the refund takes back, as time on the plan its grant
-    -- kept: refunds of a payment take back in all the refunded share of what
-    -- it added, never more than was left of it (its time ends at ends_at and
-    -- is used last). A payment granted before plan_grants existed (0007):
-    -- the refunded share of its package's period.
-    select k.user_id, k.payment_id,
-           coalesce(g.plan, k.plan) as plan,
-           case when g.payment_id is null
-                then make_interval(days => k.period_days)
-                     * ((k.refunded_after - k.refunded_before)::float8 / k.amount)
-                else greatest(least(g.added * (k.refunded_after::float8 / k.amount),
-                                    greatest(g.ends_at - now(), interval '0'))
-                              - g.taken_back,
-                              interval '0')
-           end as cut
-      from take k
-      left join grant_made g on g.payment_id = k.payment_id
-     where k.kind = 'plan'
-),
-taken_back as (
-    update plan_grants g
-       set taken_back = g.taken_back + c.cut
-      from plan_share c
-     where g.payment_id = c.payment_id
-       and c.cut > interval '0'
-    returning g.payment_id
-),
-plan_cut as (
-    -- the share comes off the active plan, converted into it when that is
-    -- another plan now (the row as locked, not as this statement first saw
-    -- it: a grant may have changed it meanwhile); when no paid time is left
-    -- the plan ends now
-    update subscriptions s
-       set current_period_end = case when s.current_period_end - plan_time_in(c.plan, s.plan, c.cut) > now()
-                                     then s.current_period_end - plan_time_in(c.plan, s.plan, c.cut)
-                                     else least(s.current_period_end,
-                                                greatest(now(),
-                                                         s.current_period_start + interval '1 microsecond'))
-                                end,
-           status             = case when s.current_period_end - plan_time_in(c.plan, s.plan, c.cut) > now()
-                                     then s.status
-                                     else 'canceled'
-                                end,
-           updated_at         = now()
-      from plan_share c
-     where s.user_id = c.user_id
-       and s.status = 'active'
-       and c.cut > interval '0'
-    returning s.id
 )
 select m.*, true as changed, coalesce((select sum(amount) from reversal), 0)::int as credited_tokens
   from moved m

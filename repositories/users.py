@@ -413,7 +413,7 @@ payments_moved as (
 device_plan as (
     -- a plan bought on the device is paid time: it goes with the device's
     -- payments (a refund of one of them then shortens the plan it paid for)
-    select s.id, s.plan, s.current_period_end - now() as time_left
+    select s.id, s.plan, s.current_period_end, s.current_period_end - now() as time_left
       from subscriptions s
      where s.user_id = $2
        and s.status = 'active'
@@ -447,6 +447,24 @@ plan_merged as (
            updated_at = now()
       from device_plan d, account_plan a
      where s.id = a.id
+    returning s.plan, s.current_period_end
+),
+device_grants_moved as (
+    -- the device's time now comes after the account's: each of its grants
+    -- still running ends as long before the merged plan's end as it did
+    -- before the device plan's end, converted into the plan kept. (The
+    -- account's own grants, when its plan was converted, are the trigger's:
+    -- plan_grants_follow_their_plan.)
+    update plan_grants g
+       set plan       = m.plan,
+           added      = plan_time_in(g.plan, m.plan, g.added),
+           taken_back = plan_time_in(g.plan, m.plan, g.taken_back),
+           ends_at    = m.current_period_end
+                        - plan_time_in(g.plan, m.plan, d.current_period_end - g.ends_at)
+      from device_plan d, plan_merged m, payments p
+     where p.id = g.payment_id
+       and p.user_id = $2
+       and g.ends_at > now()
 ),
 device_plan_ended as (
     update subscriptions s

@@ -269,3 +269,47 @@ async def test_a_plan_credit_on_a_database_without_plan_grants_applies_its_migra
     grant = await sql.fetchrow("select plan, added from plan_grants where payment_id = $1", payment.id)
     assert (grant["plan"], grant["added"].days) == ("pro", 30)
     assert all(state.startswith("applied") for _, _, state in await migration_status())
+
+
+async def test_a_plan_refund_on_a_database_without_plan_refund_applies_its_migration_first(
+    fresh_database: str,
+) -> None:
+    """0007's function and payment_refunds column, met first by a plan
+    refund, which then takes back the plan's time."""
+    from repositories.payments import (
+        apply_provider_status,
+        apply_refund,
+        attach_provider_payment,
+        create_pending_payment,
+    )
+
+    await init_database()
+    connection = await asyncpg.connect(fresh_database)
+    try:
+        user_id = await connection.fetchval(
+            "insert into users (device_id) values ('device-newer-refund') returning id"
+        )
+    finally:
+        await connection.close()
+    payment, _ = await create_pending_payment(user_id, "pro_month", "newer-refund")
+    await attach_provider_payment(payment.id, "pp-newer-refund", None)
+    assert (await apply_provider_status("pp-newer-refund", "succeeded")).changed
+    connection = await asyncpg.connect(fresh_database)
+    try:
+        await connection.execute(
+            "drop function plan_refund; alter table payment_refunds drop column plan_taken;"
+            " delete from schema_migrations where version >= 7"
+        )
+    finally:
+        await connection.close()
+    migrations_module.forget_initialized()
+
+    assert (await apply_refund("pp-newer-refund", "rf-newer-refund", 49900)).changed
+
+    taken = await sql.fetchval(
+        "select plan_taken from payment_refunds where provider_refund_id = 'rf-newer-refund'"
+    )
+    assert 30 * 86400 - 60 < taken.total_seconds() <= 30 * 86400
+    status = await sql.fetchval("select status from subscriptions where user_id = $1", user_id)
+    assert status == "canceled"
+    assert all(state.startswith("applied") for _, _, state in await migration_status())

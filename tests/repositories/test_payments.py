@@ -23,8 +23,10 @@ from repositories.payments import (
     mark_reconciled,
     open_payments,
 )
+from repositories.subscriptions import ACTIVATE_PLAN
+from repositories.users import get_or_create_clerk_user, get_or_create_device_user, link_device
 from tests import db
-from tests.repositories import attached_payment, paid_payment
+from tests.repositories import attached_payment, paid_payment, side_by_side
 
 DAY = 86400.0
 
@@ -700,6 +702,227 @@ async def test_a_refund_racing_a_grant_of_another_plan_takes_back_its_worth_in_t
         assert 30 * DAY - 60 < float(plan["seconds_left"]) <= 30 * DAY + 1  # type: ignore[arg-type]
         assert await db.balance(admin, user_id) == 10 + 1000
     assert await db.audit_problems(admin) == []
+
+
+async def plan_taken(admin: asyncpg.Connection, refund_id: str) -> float:
+    """The plan time a refund recorded taking back, in seconds."""
+    seconds = await admin.fetchval(
+        "select extract(epoch from plan_taken)::float8 from payment_refunds where provider_refund_id = $1",
+        refund_id,
+    )
+    return float(seconds)
+
+
+async def test_a_refund_before_a_grant_moves_the_grants_after_it_up(admin: asyncpg.Connection) -> None:
+    """Three pro months; the first refunded at once makes the second's time
+    days 0-30 and the third's 30-60. On day 45 the second has run out: its
+    refund takes nothing, and the third keeps its 15 days."""
+    user_id = await new_user(admin)
+    first = await paid_payment(user_id, "pro_month")
+    second = await paid_payment(user_id, "pro_month")
+    await paid_payment(user_id, "pro_month")
+    await apply_refund(first.provider_payment_id or "", "rf-stack-1", 49900)
+    await days_pass(admin, user_id, 45)
+
+    await apply_refund(second.provider_payment_id or "", "rf-stack-2", 49900)
+
+    [plan] = await subscription(admin, user_id)
+    assert (plan["plan"], plan["status"]) == ("pro", "active")
+    assert 15 * DAY - 60 < float(plan["seconds_left"]) <= 15 * DAY  # type: ignore[arg-type]
+    assert 30 * DAY - 60 < await plan_taken(admin, "rf-stack-1") <= 30 * DAY
+    assert await plan_taken(admin, "rf-stack-2") == 0
+    assert await taken_back(admin, second.id) == 0
+    assert await db.audit_problems(admin) == []
+
+
+async def test_a_plan_converted_into_a_higher_one_and_used_up_is_refunded_without_cutting_it(
+    admin: asyncpg.Connection,
+) -> None:
+    """Pro for 10 days, then premium: pro's 20 days left become 20 * 499/1499
+    (6.66) premium days, used by day 16.66. Pro's refund on day 20 takes none
+    of premium's own 30 days."""
+    user_id = await new_user(admin)
+    pro = await paid_payment(user_id, "pro_month")
+    await days_pass(admin, user_id, 10)
+    await paid_payment(user_id, "premium_month")
+    [converted] = await admin.fetch(
+        "select plan, extract(epoch from ends_at - now())::float8 as seconds_left from plan_grants"
+        " where payment_id = $1",
+        pro.id,
+    )
+    assert converted["plan"] == "premium"
+    assert abs(converted["seconds_left"] - 20 * DAY * 49900 / 149900) < 60
+    await days_pass(admin, user_id, 10)
+    [before] = await subscription(admin, user_id)
+
+    await apply_refund(pro.provider_payment_id or "", "rf-converted-used", 49900)
+
+    [plan] = await subscription(admin, user_id)
+    assert (plan["plan"], plan["status"]) == ("premium", "active")
+    assert float(before["seconds_left"]) - float(plan["seconds_left"]) < 1  # type: ignore[arg-type]
+    assert await plan_taken(admin, "rf-converted-used") == 0
+    assert await db.audit_problems(admin) == []
+
+
+async def test_a_refund_of_a_converted_plan_takes_its_worth_at_the_prices_of_the_conversion(
+    admin: asyncpg.Connection,
+) -> None:
+    """Pro, then premium at once: pro's 30 days become 30 * 499/1499 (9.99)
+    premium days. Pro is then repriced to 999.00; its refund still takes
+    back those 9.99 premium days, not 30 * 999/1499."""
+    user_id = await new_user(admin)
+    pro = await paid_payment(user_id, "pro_month")
+    await paid_payment(user_id, "premium_month")
+    await admin.execute("update token_packages set amount = 99900 where id = 'pro_month'")
+
+    await apply_refund(pro.provider_payment_id or "", "rf-converted-repriced", 49900)
+
+    [plan] = await subscription(admin, user_id)
+    assert (plan["plan"], plan["status"]) == ("premium", "active")
+    assert 30 * DAY - 60 < float(plan["seconds_left"]) <= 30 * DAY + 1  # type: ignore[arg-type]
+    assert abs(await plan_taken(admin, "rf-converted-repriced") - 30 * DAY * 49900 / 149900) < 60
+    assert await db.audit_problems(admin) == []
+
+
+async def test_a_device_plan_linked_after_the_accounts_is_refunded_from_where_it_moved(
+    admin: asyncpg.Connection,
+) -> None:
+    """Account and device each buy pro; the link puts the device's 30 days
+    after the account's. On day 35 the 25 days left are all the device
+    payment's: its refund ends the plan. The account's refund took nothing."""
+    account = await get_or_create_clerk_user(f"user_{uuid4().hex[:12]}")
+    device = await get_or_create_device_user(f"device-{uuid4().hex[:12]}", None, 5)
+    mine = await paid_payment(account.id, "pro_month")
+    bought = await paid_payment(device.id, "pro_month")
+    await link_device(account.id, device.device_id or "")
+    await days_pass(admin, account.id, 35)
+
+    await apply_refund(mine.provider_payment_id or "", "rf-link-account", 49900)
+    [plan] = await subscription(admin, account.id)
+    assert (plan["plan"], plan["status"]) == ("pro", "active")
+    assert 25 * DAY - 60 < float(plan["seconds_left"]) <= 25 * DAY  # type: ignore[arg-type]
+
+    await apply_refund(bought.provider_payment_id or "", "rf-link-device", 49900)
+    [plan] = await subscription(admin, account.id)
+    assert plan["status"] == "canceled"
+    assert 25 * DAY - 60 < await plan_taken(admin, "rf-link-device") <= 25 * DAY
+    assert await plan_taken(admin, "rf-link-account") == 0
+    assert await db.audit_problems(admin) == []
+
+
+async def test_a_higher_device_plan_linked_converts_the_accounts_grants(admin: asyncpg.Connection) -> None:
+    """The account has pro, the device premium: the account keeps premium,
+    its pro days become their worth in premium first, the device's 30 days
+    come after. Each refund then takes back just its own payment's time."""
+    account = await get_or_create_clerk_user(f"user_{uuid4().hex[:12]}")
+    device = await get_or_create_device_user(f"device-{uuid4().hex[:12]}", None, 5)
+    mine = await paid_payment(account.id, "pro_month")
+    bought = await paid_payment(device.id, "premium_month")
+    await link_device(account.id, device.device_id or "")
+    pro_worth = 30 * DAY * 49900 / 149900
+    [plan] = await subscription(admin, account.id)
+    assert plan["plan"] == "premium"
+    assert abs(float(plan["seconds_left"]) - (pro_worth + 30 * DAY)) < 60  # type: ignore[arg-type]
+
+    await apply_refund(bought.provider_payment_id or "", "rf-up-device", 149900)
+    [plan] = await subscription(admin, account.id)
+    assert plan["status"] == "active"
+    assert abs(float(plan["seconds_left"]) - pro_worth) < 60  # type: ignore[arg-type]
+
+    await apply_refund(mine.provider_payment_id or "", "rf-up-account", 49900)
+    [plan] = await subscription(admin, account.id)
+    assert plan["status"] == "canceled"
+    assert abs(await plan_taken(admin, "rf-up-account") - pro_worth) < 60
+    assert await db.audit_problems(admin) == []
+
+
+async def test_refunds_of_stacked_plans_at_once_each_take_back_what_was_left_of_its_own(
+    admin: asyncpg.Connection,
+) -> None:
+    """Three pro months on day 45 of them (the first used, the second half,
+    the third whole), all three refunded at once, ten users side by side: in
+    any order the first takes nothing, the second 15 days, the third 30, and
+    the plan ends."""
+    await wide_pool()
+    users = [await new_user(admin) for _ in range(10)]
+    bought = {user_id: [await paid_payment(user_id, "pro_month") for _ in range(3)] for user_id in users}
+    for user_id in users:
+        await days_pass(admin, user_id, 45)
+
+    await asyncio.gather(
+        *(
+            apply_refund(payment.provider_payment_id or "", f"rf-stacked-{payment.id}", 49900)
+            for payments in bought.values()
+            for payment in payments
+        )
+    )
+
+    for user_id, (first, second, third) in bought.items():
+        [plan] = await subscription(admin, user_id)
+        assert plan["status"] == "canceled"
+        assert await taken_back(admin, first.id) == 0
+        assert 15 * DAY - 60 < await taken_back(admin, second.id) <= 15 * DAY
+        assert 30 * DAY - 60 < await taken_back(admin, third.id) <= 30 * DAY
+    assert await db.audit_problems(admin) == []
+
+
+async def test_a_device_refund_racing_its_link_takes_back_the_device_month_either_way(
+    admin: asyncpg.Connection,
+) -> None:
+    """Account and device each hold a pro month; the device payment's refund
+    and the link arrive together, ten pairs. Refunded first, the device's
+    plan ends and nothing moves; linked first, the refund finds the device's
+    time after the account's. Either way the account keeps its own month."""
+    await wide_pool()
+    pairs = []
+    for _ in range(10):
+        account = await get_or_create_clerk_user(f"user_{uuid4().hex[:12]}")
+        device = await get_or_create_device_user(f"device-{uuid4().hex[:12]}", None, 5)
+        await paid_payment(account.id, "pro_month")
+        pairs.append((account, device, await paid_payment(device.id, "pro_month")))
+
+    await side_by_side(
+        (
+            link_device(account.id, device.device_id or ""),
+            apply_refund(bought.provider_payment_id or "", f"rf-racing-link-{bought.id}", 49900),
+        )
+        for account, device, bought in pairs
+    )
+
+    for account, _, bought in pairs:
+        [plan] = [p for p in await subscription(admin, account.id) if p["status"] == "active"]
+        assert plan["plan"] == "pro"
+        assert 30 * DAY - 60 < float(plan["seconds_left"]) <= 30 * DAY  # type: ignore[arg-type]
+        assert 30 * DAY - 60 < await taken_back(admin, bought.id) <= 30 * DAY
+    assert await db.audit_problems(admin) == []
+
+
+async def test_a_refund_waiting_on_a_conversion_of_the_plan_cuts_the_plan_as_converted(
+    admin: asyncpg.Connection,
+) -> None:
+    """A transaction converts the user's pro into premium (an activation of
+    premium: pro's 30 days become their 9.99 days' worth, its grant with
+    them) while pro's refund waits. The refund must read the plan after the
+    wait: it takes back those 9.99 premium days, not 30 days' worth of pro
+    read from before the conversion."""
+    user_id = await new_user(admin)
+    pro = await paid_payment(user_id, "pro_month")
+    async with admin.transaction():
+        await admin.execute(ACTIVATE_PLAN, user_id, "premium", 30)
+        refund = asyncio.ensure_future(apply_refund(pro.provider_payment_id or "", "rf-waiting", 49900))
+        waiting = (
+            "select count(*) from pg_stat_activity"
+            " where application_name = 'dreamlens' and wait_event_type = 'Lock'"
+        )
+        async with asyncio.timeout(30):
+            while await admin.fetchval(waiting) < 1:
+                await asyncio.sleep(0.01)
+    assert (await refund).changed
+
+    [plan] = await subscription(admin, user_id)
+    assert (plan["plan"], plan["status"]) == ("premium", "active")
+    assert 30 * DAY - 60 < float(plan["seconds_left"]) <= 30 * DAY + 1  # type: ignore[arg-type]
+    assert abs(await plan_taken(admin, "rf-waiting") - 30 * DAY * 49900 / 149900) < 60
 
 
 # --------------------------------------------------------------- reconciler
