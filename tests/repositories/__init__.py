@@ -8,6 +8,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 from uuid import UUID, uuid4
 
+import asyncpg
+
 from database import config, pool
 from repositories.payments import (
     Payment,
@@ -56,3 +58,14 @@ async def paid_payment(user_id: UUID, package_id: str = "tokens_50") -> Payment:
     result = await apply_provider_status(payment.provider_payment_id, "succeeded")
     assert result.changed and result.payment is not None
     return result.payment
+
+
+async def until_waiting_on_a_lock(admin: asyncpg.Connection, count: int = 1) -> None:
+    """Until `count` of the app's backends wait on a lock the test holds."""
+    waiting = (
+        "select count(*) from pg_stat_activity"
+        " where application_name = 'dreamlens' and wait_event_type = 'Lock'"
+    )
+    async with asyncio.timeout(30):
+        while await admin.fetchval(waiting) < count:
+            await asyncio.sleep(0.01)

@@ -28,7 +28,7 @@ from database import (
 from repositories import generations
 from repositories.generations import CreatedGeneration
 from tests import db
-from tests.repositories import side_by_side
+from tests.repositories import side_by_side, until_waiting_on_a_lock
 
 
 @pytest.fixture
@@ -214,13 +214,7 @@ async def test_a_spend_waiting_on_a_link_of_its_device_is_refused(admin: asyncpg
             device,
         )
         spend = asyncio.ensure_future(create(device))
-        waiting = (
-            "select count(*) from pg_stat_activity"
-            " where application_name = 'dreamlens' and wait_event_type = 'Lock'"
-        )
-        async with asyncio.timeout(30):
-            while await admin.fetchval(waiting) < 1:
-                await asyncio.sleep(0.01)
+        await until_waiting_on_a_lock(admin)
         await admin.execute(
             "update users set linked_to_user_id = $1, linked_at = now(), linked_tokens = 0 where id = $2",
             owner,
@@ -319,13 +313,7 @@ async def same_key_behind_a_locked_wallet(
     async with admin.transaction():
         await admin.execute("select 1 from user_tokens where user_id = $1 for update", user_id)
         calls = asyncio.gather(*(create(user_id, key=key) for _ in range(count)), return_exceptions=True)
-        waiting = (
-            "select count(*) from pg_stat_activity"
-            " where application_name = 'dreamlens' and wait_event_type = 'Lock'"
-        )
-        async with asyncio.timeout(30):
-            while await admin.fetchval(waiting) < count:
-                await asyncio.sleep(0.01)
+        await until_waiting_on_a_lock(admin, count)
     return list(await calls)
 
 

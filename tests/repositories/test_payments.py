@@ -26,7 +26,7 @@ from repositories.payments import (
 from repositories.subscriptions import ACTIVATE_PLAN
 from repositories.users import get_or_create_clerk_user, get_or_create_device_user, link_device
 from tests import db
-from tests.repositories import attached_payment, paid_payment, side_by_side
+from tests.repositories import attached_payment, paid_payment, side_by_side, until_waiting_on_a_lock
 
 DAY = 86400.0
 
@@ -910,13 +910,7 @@ async def test_a_refund_waiting_on_a_conversion_of_the_plan_cuts_the_plan_as_con
     async with admin.transaction():
         await admin.execute(ACTIVATE_PLAN, user_id, "premium", 30)
         refund = asyncio.ensure_future(apply_refund(pro.provider_payment_id or "", "rf-waiting", 49900))
-        waiting = (
-            "select count(*) from pg_stat_activity"
-            " where application_name = 'dreamlens' and wait_event_type = 'Lock'"
-        )
-        async with asyncio.timeout(30):
-            while await admin.fetchval(waiting) < 1:
-                await asyncio.sleep(0.01)
+        await until_waiting_on_a_lock(admin)
     assert (await refund).changed
 
     [plan] = await subscription(admin, user_id)
