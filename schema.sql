@@ -384,22 +384,25 @@ $$;
 -- What each plan payment's grant added, so that its refund takes back that
 -- and not the catalogue's price of today: the time, as time on the plan it
 -- runs on (the payment's own plan, or the higher one it was converted into),
--- where that time ends on the plan's timeline (its grant put it last; a
+-- where that time lies on the plan's timeline (its grant put it last; a
 -- conversion, a link or a refund of time before it moves it), and what
--- refunds took back.
+-- refunds took back. Of [starts_at, ends_at) the part before now is used:
+-- what is left of the grant is ends_at - greatest(starts_at, now()).
 create table if not exists plan_grants (
     payment_id  uuid primary key references payments (id),
     plan        text not null,                     -- a subscriptions.plan
     added       interval not null check (added > interval '0'),
+    starts_at   timestamptz not null,
     ends_at     timestamptz not null,
     taken_back  interval not null default interval '0' check (taken_back >= interval '0'),
-    created_at  timestamptz not null default now()
+    created_at  timestamptz not null default now(),
+    check (starts_at <= ends_at)
 );
 
 -- A running plan converted into another (plan_merge: a purchase, a link or
--- an activation of a higher plan) takes its grants with it: each one still
--- running becomes time on the new plan, ending where its time now ends.
--- Grants already on the new plan (the one being made) are left alone.
+-- an activation of a higher plan) takes its grants with it: the part of each
+-- one not yet used becomes time on the new plan, lying where its time now
+-- lies. Grants already on the new plan (the one being made) are left alone.
 create or replace function plan_grants_follow_their_plan() returns trigger
 language plpgsql as $$
 begin
@@ -407,6 +410,7 @@ begin
        set plan       = new.plan,
            added      = plan_time_in(old.plan, new.plan, g.added),
            taken_back = plan_time_in(old.plan, new.plan, g.taken_back),
+           starts_at  = now() + plan_time_in(old.plan, new.plan, greatest(g.starts_at, now()) - now()),
            ends_at    = now() + plan_time_in(old.plan, new.plan, g.ends_at - now())
       from payments p
      where p.id = g.payment_id
@@ -427,11 +431,15 @@ create or replace trigger subscriptions_take_their_grants_along
 -- that plan. Called by the refund's statement; each statement here takes
 -- its own snapshot, so the plan is locked first and its grants read after:
 -- a grant, a link or another refund committed meanwhile is seen, not
--- overwritten. A payment's refunds take back in all the refunded share
--- (share_after of its amount) of what its grant added, never more than is
--- left of it; the time after it moves up by what is taken. A payment
--- granted before plan_grants existed: the share refunded now
--- (share_after - share_before) of its period.
+-- overwritten.
+-- A payment's refunds take back in all the refunded share (share_after of
+-- its amount) of what its grant added, never more than is left of it; the
+-- grants after it move up by what is taken.
+-- A payment granted before plan_grants existed has no record of where its
+-- time lies. The share refunded now (share_after - share_before) of its
+-- period comes out of the plan time that no grant covers, earliest first,
+-- never out of a grant's: a month bought before the grants were recorded
+-- that has run out costs nothing bought after it.
 create or replace function plan_refund(payer uuid, refunded uuid, paid_plan text, paid_days integer,
                                        share_before float8, share_after float8)
 returns interval
@@ -439,11 +447,14 @@ language plpgsql as $$
 declare
     running    record;
     made       record;
+    grant_row  record;
+    taken      interval;
     cut        interval;
-    moved_from timestamptz;
+    wanted     interval;
+    covered_to timestamptz;
     moment     timestamptz;
 begin
-    select s.id, s.plan into running
+    select s.id, s.plan, s.current_period_end into running
       from subscriptions s
      where s.user_id = payer
        and s.status = 'active'
@@ -456,36 +467,65 @@ begin
     -- would otherwise find time that the one before it saw used
     moment := clock_timestamp();
 
-    select g.plan, g.added, g.ends_at, g.taken_back into made
+    select g.plan, g.added, g.starts_at, g.ends_at, g.taken_back into made
       from plan_grants g
      where g.payment_id = refunded
        for update;
     if found then
-        cut := greatest(least(made.added * share_after - made.taken_back,
-                              made.ends_at - moment,
-                              made.added - made.taken_back),
-                        interval '0');
-        if cut > interval '0' then
-            update plan_grants set taken_back = taken_back + cut where payment_id = refunded;
+        taken := greatest(least(made.added * share_after - made.taken_back,
+                                made.ends_at - greatest(made.starts_at, moment)),
+                          interval '0');
+        if taken <= interval '0' then
+            return interval '0';
         end if;
-        cut := plan_time_in(made.plan, running.plan, cut);
-        moved_from := made.ends_at;
+        cut := plan_time_in(made.plan, running.plan, taken);
+        update plan_grants
+           set taken_back = taken_back + taken,
+               ends_at    = greatest(ends_at - cut, starts_at)
+         where payment_id = refunded;
+        -- and the grants after it move up (with any refunded to nothing
+        -- where it ends)
+        update plan_grants g
+           set starts_at = greatest(g.starts_at - cut, moment),
+               ends_at   = greatest(g.ends_at - cut, moment)
+          from payments p
+         where p.id = g.payment_id
+           and p.user_id = payer
+           and g.payment_id <> refunded
+           and g.ends_at >= made.ends_at;
     else
-        cut := plan_time_in(paid_plan, running.plan,
-                            make_interval(days => paid_days) * (share_after - share_before));
-        moved_from := moment;
+        wanted := plan_time_in(paid_plan, running.plan,
+                               make_interval(days => paid_days) * (share_after - share_before));
+        if wanted <= interval '0' then
+            return interval '0';
+        end if;
+        -- walk the running grants in order, taking the time between them
+        -- (and after the last) that none covers, until enough is taken;
+        -- each grant moves up by what was taken before it
+        cut := interval '0';
+        covered_to := moment;
+        for grant_row in
+            select g.payment_id, greatest(g.starts_at, moment) as starts_at, g.ends_at
+              from plan_grants g
+              join payments p on p.id = g.payment_id
+             where p.user_id = payer
+               and g.ends_at > greatest(g.starts_at, moment)
+             order by g.ends_at
+        loop
+            cut := cut + least(greatest(grant_row.starts_at - covered_to, interval '0'), wanted - cut);
+            covered_to := greatest(covered_to, grant_row.ends_at);
+            if cut > interval '0' then
+                update plan_grants
+                   set starts_at = greatest(starts_at - cut, moment),
+                       ends_at   = greatest(ends_at - cut, moment)
+                 where payment_id = grant_row.payment_id;
+            end if;
+        end loop;
+        cut := cut + least(greatest(running.current_period_end - covered_to, interval '0'), wanted - cut);
+        if cut <= interval '0' then
+            return interval '0';
+        end if;
     end if;
-    if cut <= interval '0' then
-        return interval '0';
-    end if;
-
-    -- this grant's time ends earlier, and all time after it moves up
-    update plan_grants g
-       set ends_at = greatest(g.ends_at - cut, moment)
-      from payments p
-     where p.id = g.payment_id
-       and p.user_id = payer
-       and g.ends_at >= moved_from;
 
     -- when no paid time is left the plan ends now
     update subscriptions s

@@ -237,11 +237,11 @@ plan_grant as (
 granted as (
     -- what the grant added, for its refunds: the package's period as time on
     -- the plan kept, which is the last of the period that now ends
-    insert into plan_grants (payment_id, plan, added, ends_at)
-    select b.payment_id, g.plan, plan_time_in(b.plan, g.plan, make_interval(days => b.period_days)),
-           g.current_period_end
+    insert into plan_grants (payment_id, plan, added, starts_at, ends_at)
+    select b.payment_id, g.plan, a.added, g.current_period_end - a.added, g.current_period_end
       from purchase b
       join plan_grant g on g.user_id = b.user_id
+     cross join lateral (select plan_time_in(b.plan, g.plan, make_interval(days => b.period_days)) as added) a
     on conflict (payment_id) do nothing
 )
 select m.*, true as changed, coalesce((select sum(amount) from credit), 0)::int as credited_tokens

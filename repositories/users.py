@@ -450,15 +450,17 @@ plan_merged as (
     returning s.plan, s.current_period_end
 ),
 device_grants_moved as (
-    -- the device's time now comes after the account's: each of its grants
-    -- still running ends as long before the merged plan's end as it did
-    -- before the device plan's end, converted into the plan kept. (The
-    -- account's own grants, when its plan was converted, are the trigger's:
-    -- plan_grants_follow_their_plan.)
+    -- the device's time now comes after the account's: the part of each of
+    -- its grants not yet used lies as long before the merged plan's end as
+    -- it did before the device plan's end, converted into the plan kept.
+    -- (The account's own grants, when its plan was converted, are the
+    -- trigger's: plan_grants_follow_their_plan.)
     update plan_grants g
        set plan       = m.plan,
            added      = plan_time_in(g.plan, m.plan, g.added),
            taken_back = plan_time_in(g.plan, m.plan, g.taken_back),
+           starts_at  = m.current_period_end
+                        - plan_time_in(g.plan, m.plan, d.current_period_end - greatest(g.starts_at, now())),
            ends_at    = m.current_period_end
                         - plan_time_in(g.plan, m.plan, d.current_period_end - g.ends_at)
       from device_plan d, plan_merged m, payments p

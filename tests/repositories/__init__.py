@@ -69,3 +69,23 @@ async def until_waiting_on_a_lock(admin: asyncpg.Connection, count: int = 1) -> 
     async with asyncio.timeout(30):
         while await admin.fetchval(waiting) < count:
             await asyncio.sleep(0.01)
+
+
+async def days_pass(admin: asyncpg.Connection, user_id: UUID, days: int) -> None:
+    """The user's plan time as it will be `days` from now: every period and
+    every grant moved that far into the past."""
+    await admin.execute(
+        "update subscriptions"
+        "   set current_period_start = current_period_start - make_interval(days => $2),"
+        "       current_period_end = current_period_end - make_interval(days => $2)"
+        " where user_id = $1;",
+        user_id,
+        days,
+    )
+    await admin.execute(
+        "update plan_grants g set starts_at = g.starts_at - make_interval(days => $2),"
+        "                         ends_at = g.ends_at - make_interval(days => $2)"
+        "  from payments p where p.id = g.payment_id and p.user_id = $1",
+        user_id,
+        days,
+    )

@@ -26,7 +26,13 @@ from repositories.payments import (
 from repositories.subscriptions import ACTIVATE_PLAN
 from repositories.users import get_or_create_clerk_user, get_or_create_device_user, link_device
 from tests import db
-from tests.repositories import attached_payment, paid_payment, side_by_side, until_waiting_on_a_lock
+from tests.repositories import (
+    attached_payment,
+    days_pass,
+    paid_payment,
+    side_by_side,
+    until_waiting_on_a_lock,
+)
 
 DAY = 86400.0
 
@@ -550,25 +556,6 @@ async def test_refunding_a_plan_bought_on_another_takes_back_what_it_added(admin
     assert await db.audit_problems(admin) == []
 
 
-async def days_pass(admin: asyncpg.Connection, user_id: UUID, days: int) -> None:
-    """The user's plan time as it will be `days` from now: every period and
-    every grant's end moved that far into the past."""
-    await admin.execute(
-        "update subscriptions"
-        "   set current_period_start = current_period_start - make_interval(days => $2),"
-        "       current_period_end = current_period_end - make_interval(days => $2)"
-        " where user_id = $1;",
-        user_id,
-        days,
-    )
-    await admin.execute(
-        "update plan_grants g set ends_at = g.ends_at - make_interval(days => $2)"
-        "  from payments p where p.id = g.payment_id and p.user_id = $1",
-        user_id,
-        days,
-    )
-
-
 async def taken_back(admin: asyncpg.Connection, payment_id: UUID) -> float:
     seconds = await admin.fetchval(
         "select extract(epoch from taken_back)::float8 from plan_grants where payment_id = $1", payment_id
@@ -675,6 +662,73 @@ async def test_a_plan_granted_before_plan_grants_is_refunded_by_its_period(admin
     assert (plan["plan"], plan["status"]) == ("pro", "active")
     assert 15 * DAY - 60 < float(plan["seconds_left"]) <= 15 * DAY  # type: ignore[arg-type]
     assert await admin.fetchval("select count(*) from plan_grants") == 0
+    assert await db.audit_problems(admin) == []
+
+
+async def test_a_used_up_plan_granted_before_plan_grants_costs_nothing_bought_after_it(
+    admin: asyncpg.Connection,
+) -> None:
+    """A pro month credited before 0007 ran out and a new one was bought: the
+    old month's chargeback takes its tokens back but none of the new month,
+    for no time but the new grant's is left."""
+    user_id = await new_user(admin)
+    legacy = await paid_payment(user_id, "pro_month")
+    await admin.execute("delete from plan_grants where payment_id = $1", legacy.id)
+    await days_pass(admin, user_id, 31)
+    await paid_payment(user_id, "pro_month")
+
+    await apply_refund(legacy.provider_payment_id or "", "rf-legacy-used", 49900)
+
+    [plan] = await subscription(admin, user_id)
+    assert (plan["plan"], plan["status"]) == ("pro", "active")
+    assert 30 * DAY - 60 < float(plan["seconds_left"]) <= 30 * DAY  # type: ignore[arg-type]
+    assert await plan_taken(admin, "rf-legacy-used") == 0
+    assert await db.balance(admin, user_id) == 10 + 200
+    assert await db.audit_problems(admin) == []
+
+
+async def test_a_plan_granted_before_plan_grants_is_taken_from_the_time_no_grant_covers(
+    admin: asyncpg.Connection,
+) -> None:
+    """Month G is granted, then month L is credited by code from before 0007
+    still running in a deploy (no grant recorded): L's time is days 30-60.
+    L's chargeback takes those days and leaves G where it is, so G's own
+    chargeback then ends the plan."""
+    user_id = await new_user(admin)
+    granted = await paid_payment(user_id, "pro_month")
+    older = await paid_payment(user_id, "pro_month")
+    await admin.execute("delete from plan_grants where payment_id = $1", older.id)
+
+    await apply_refund(older.provider_payment_id or "", "rf-older", 49900)
+    [plan] = await subscription(admin, user_id)
+    assert 30 * DAY - 60 < float(plan["seconds_left"]) <= 30 * DAY  # type: ignore[arg-type]
+
+    await apply_refund(granted.provider_payment_id or "", "rf-granted", 49900)
+    [plan] = await subscription(admin, user_id)
+    assert plan["status"] == "canceled"
+    assert 30 * DAY - 60 < await plan_taken(admin, "rf-granted") <= 30 * DAY
+    assert await db.audit_problems(admin) == []
+
+
+async def test_a_plan_granted_before_plan_grants_moves_the_grants_after_it_up(
+    admin: asyncpg.Connection,
+) -> None:
+    """Month L, credited before 0007, then month G granted: L's half refund
+    takes 15 days from L's time, which comes first, and G's 30 days move up
+    with it; G's chargeback then takes all 30 and leaves L's other 15."""
+    user_id = await new_user(admin)
+    legacy = await paid_payment(user_id, "pro_month")
+    await admin.execute("delete from plan_grants where payment_id = $1", legacy.id)
+    granted = await paid_payment(user_id, "pro_month")
+
+    await apply_refund(legacy.provider_payment_id or "", "rf-legacy-half", 24950)
+    assert abs(await plan_taken(admin, "rf-legacy-half") - 15 * DAY) < 1
+    await apply_refund(granted.provider_payment_id or "", "rf-granted-after", 49900)
+
+    [plan] = await subscription(admin, user_id)
+    assert (plan["plan"], plan["status"]) == ("pro", "active")
+    assert 15 * DAY - 60 < float(plan["seconds_left"]) <= 15 * DAY  # type: ignore[arg-type]
+    assert 30 * DAY - 60 < await plan_taken(admin, "rf-granted-after") <= 30 * DAY
     assert await db.audit_problems(admin) == []
 
 
@@ -807,6 +861,30 @@ async def test_a_device_plan_linked_after_the_accounts_is_refunded_from_where_it
     assert plan["status"] == "canceled"
     assert 25 * DAY - 60 < await plan_taken(admin, "rf-link-device") <= 25 * DAY
     assert await plan_taken(admin, "rf-link-account") == 0
+    assert await db.audit_problems(admin) == []
+
+
+async def test_a_device_month_partly_used_before_its_link_gives_back_only_what_was_left(
+    admin: asyncpg.Connection,
+) -> None:
+    """Account and device each bought pro 20 days ago: the link makes 20
+    days, the account's 10 then the device's 10. The device month's
+    chargeback takes its 10 days, not the account's."""
+    account = await get_or_create_clerk_user(f"user_{uuid4().hex[:12]}")
+    device = await get_or_create_device_user(f"device-{uuid4().hex[:12]}", None, 5)
+    await paid_payment(account.id, "pro_month")
+    bought = await paid_payment(device.id, "pro_month")
+    await days_pass(admin, account.id, 20)
+    await days_pass(admin, device.id, 20)
+    await link_device(account.id, device.device_id or "")
+    [plan] = [p for p in await subscription(admin, account.id) if p["status"] == "active"]
+    assert abs(float(plan["seconds_left"]) - 20 * DAY) < 60  # type: ignore[arg-type]
+
+    await apply_refund(bought.provider_payment_id or "", "rf-device-used", 49900)
+
+    assert 10 * DAY - 60 < await plan_taken(admin, "rf-device-used") <= 10 * DAY
+    [plan] = [p for p in await subscription(admin, account.id) if p["status"] == "active"]
+    assert abs(float(plan["seconds_left"]) - 10 * DAY) < 60  # type: ignore[arg-type]
     assert await db.audit_problems(admin) == []
 
 
