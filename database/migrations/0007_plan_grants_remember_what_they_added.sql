@@ -1,10 +1,11 @@
 -- A refund of a plan payment took back the package's period priced from the
 -- catalogue at the refund, and took it whether or not the payment's time had
 -- already been used: refunding a plan that had run out cut the plan bought
--- after it. Each grant now records what it added and where its time ends
+-- after it. Each grant now records what it added and where its time lies
 -- (plan_grants; schema.sql has the same), every change of the plan's
--- timeline moves those ends with it, and a refund takes back the refunded
--- share of what the grant added, never more than is left of it.
+-- timeline moves it along, and a refund takes back the refunded share of
+-- what the grant added, never more than is left of it. The months of plans
+-- still running that were credited before are recorded at the end.
 -- plan_time_in and plan_merge convert in seconds, and a plan kept keeps its
 -- end as it is, so no end moves by an hour across a clock change.
 -- The new table's reference to payments and the new column hold short locks;
@@ -212,3 +213,40 @@ begin
     return cut;
 end
 $$;
+
+-- Plan payments credited before this migration have no grant recorded. Each
+-- one of a plan still running gets one now, so that its refunds too take
+-- back only its own time: what is left of the plan is handed out from its
+-- end backwards, the last paid month last, each month its period less what
+-- its refunds took, as time on the plan kept. The months whose time falls
+-- before now are used (a refund of one takes nothing). The plans are locked
+-- for the moment it takes, so that no credit or refund moves one meanwhile.
+with running as (
+    select s.user_id, s.plan, s.current_period_end
+      from subscriptions s
+     where s.status = 'active'
+       and s.current_period_end > now()
+       for share
+),
+months as (
+    select p.id, r.plan, a.added, a.taken_back,
+           r.current_period_end
+           - coalesce(sum(a.added - a.taken_back) over (partition by p.user_id
+                                                        order by p.paid_at desc nulls last, p.created_at desc, p.id
+                                                        rows between unbounded preceding and 1 preceding),
+                      interval '0') as ends_at
+      from payments p
+      join running r on r.user_id = p.user_id
+     cross join lateral (
+         select plan_time_in(p.plan, r.plan, make_interval(days => p.period_days)) as added,
+                plan_time_in(p.plan, r.plan, make_interval(days => p.period_days)
+                                             * (least(p.refunded_amount, p.amount)::float8 / p.amount)) as taken_back
+     ) a
+     where p.plan is not null
+       and p.status = 'succeeded'
+       and not exists (select 1 from plan_grants g where g.payment_id = p.id)
+)
+insert into plan_grants (payment_id, plan, added, starts_at, ends_at, taken_back)
+select m.id, m.plan, m.added, m.ends_at - (m.added - m.taken_back), m.ends_at, m.taken_back
+  from months m
+on conflict (payment_id) do nothing;

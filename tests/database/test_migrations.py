@@ -271,6 +271,48 @@ async def test_a_plan_credit_on_a_database_without_plan_grants_applies_its_migra
     assert all(state.startswith("applied") for _, _, state in await migration_status())
 
 
+async def test_0007_records_the_months_of_running_plans_credited_before_it(fresh_database: str) -> None:
+    """Three pro months credited before 0007, 35 days ago, the third half
+    refunded: 75 days, 40 left. 0007 hands them out from the plan's end
+    backwards, so the first month has run out and its chargeback takes
+    nothing, the third's other half takes its 15 days, the second's the 25
+    days left of it, and the plan ends."""
+    from repositories.payments import apply_refund
+    from tests.repositories import paid_payment
+
+    await init_database()
+    user_id = await sql.fetchval("insert into users (clerk_id) values ('user_before_0007') returning id")
+    first, second, third = [await paid_payment(user_id, "pro_month") for _ in range(3)]
+    assert (await apply_refund(third.provider_payment_id or "", "rf-0007-half", 24950)).changed
+    connection = await asyncpg.connect(fresh_database)
+    try:
+        await connection.execute(
+            "drop table plan_grants; drop function plan_refund;"
+            " alter table payment_refunds drop column plan_taken;"
+            " delete from schema_migrations where version >= 7;"
+            " update subscriptions set current_period_start = current_period_start - interval '35 days',"
+            "                          current_period_end = current_period_end - interval '35 days'"
+        )
+    finally:
+        await connection.close()
+    migrations_module.forget_initialized()
+    await init_database()
+    assert await sql.fetchval("select count(*) from plan_grants") == 3
+
+    async def refund_takes(payment_id: str | None, refund_id: str, amount: int) -> float:
+        assert (await apply_refund(payment_id or "", refund_id, amount)).changed
+        taken = await sql.fetchval(
+            "select plan_taken from payment_refunds where provider_refund_id = $1", refund_id
+        )
+        return float(taken.total_seconds()) / 86400
+
+    assert await refund_takes(first.provider_payment_id, "rf-0007-first", 49900) == 0
+    assert abs(await refund_takes(third.provider_payment_id, "rf-0007-third", 24950) - 15) < 0.001
+    assert abs(await refund_takes(second.provider_payment_id, "rf-0007-second", 49900) - 25) < 0.001
+    status = await sql.fetchval("select status from subscriptions where user_id = $1", user_id)
+    assert status == "canceled"
+
+
 async def test_a_plan_refund_on_a_database_without_plan_refund_applies_its_migration_first(
     fresh_database: str,
 ) -> None:
