@@ -135,7 +135,11 @@ wallet as (
 ),
 spent as (
     update user_tokens t
-       set balance           = t.balance - p.cost,
+       -- from the locked row (w), not from t: the new row is checked
+       -- against balance >= 0 before PostgreSQL rechecks a row changed since
+       -- the snapshot, so a credit that committed while this spend waited
+       -- would otherwise refuse it
+       set balance           = w.balance - p.cost,
            total_spent       = t.total_spent + p.cost,
            generations_today = w.used_today + 1,
            generations_day   = (now() at time zone 'utc')::date,

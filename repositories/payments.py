@@ -273,7 +273,9 @@ with target as (
        for update of p
 ),
 wallet as (
-    select t.user_id, t.balance
+    -- the row as it is once locked: a link or a credit that committed while
+    -- this statement waited is in it, though not in the statement's snapshot
+    select t.user_id, t.balance, t.total_earned
       from user_tokens t
      where t.user_id = (select user_id from target)
        for update
@@ -284,7 +286,7 @@ due as (
            least(g.amount, g.refunded_amount + $3) as refunded_after,
            (floor(g.tokens::numeric * least(g.amount, g.refunded_amount + $3) / g.amount)
             - floor(g.tokens::numeric * g.refunded_amount / g.amount))::int as tokens_due,
-           coalesce(w.balance, 0) as balance
+           coalesce(w.balance, 0) as balance, w.total_earned
       from target g
       left join wallet w on w.user_id = g.user_id
 ),
@@ -320,8 +322,12 @@ moved as (
 ),
 debited as (
     update user_tokens t
-       set balance      = t.balance - k.tokens_taken,
-           total_earned = t.total_earned - k.tokens_taken,
+       -- from the locked row, not from t: PostgreSQL checks the new row
+       -- against the constraints before it rechecks a row that changed
+       -- since the snapshot, so the snapshot's older balance, less what is
+       -- taken, would fail balance >= 0 and refuse the refund
+       set balance      = k.balance - k.tokens_taken,
+           total_earned = k.total_earned - k.tokens_taken,
            updated_at   = now()
       from take k
      where t.user_id = k.user_id

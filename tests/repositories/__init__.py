@@ -68,6 +68,8 @@ async def until_waiting_on_a_lock(admin: asyncpg.Connection, count: int = 1) -> 
     )
     async with asyncio.timeout(30):
         while await admin.fetchval(waiting) < count:
+            # inside a transaction the activity view is read once and kept
+            await admin.execute("select pg_stat_clear_snapshot()")
             await asyncio.sleep(0.01)
 
 

@@ -226,6 +226,32 @@ async def test_a_spend_waiting_on_a_link_of_its_device_is_refused(admin: asyncpg
     assert await db.balance(admin, device) == 5
 
 
+async def test_a_spend_waiting_on_a_credit_spends_from_the_credited_balance(
+    admin: asyncpg.Connection,
+) -> None:
+    """The wallet holds 1 token, and a credit of 10 commits while an hd
+    generation (2) waits for the wallet: the spend takes its 2 from the 11.
+    Computed from the balance its snapshot saw (1 - 2), it failed the
+    balance check before PostgreSQL rechecked the newer row, and was refused."""
+    user_id = await db.insert_user(admin, device_id="device-credit-race")
+    await create(user_id, quality="hd")
+    await create(user_id, quality="hd")
+    assert await db.balance(admin, user_id) == 1
+    async with admin.transaction():
+        await admin.execute(
+            "update user_tokens set balance = balance + 10, total_earned = total_earned + 10"
+            " where user_id = $1",
+            user_id,
+        )
+        spend = asyncio.ensure_future(create(user_id, quality="hd"))
+        await until_waiting_on_a_lock(admin)
+    created = await spend
+    assert created.generation.cost == 2
+    assert await db.balance(admin, user_id) == 9
+    spent = await admin.fetchval("select total_spent from user_tokens where user_id = $1", user_id)
+    assert spent == 6
+
+
 async def test_spends_racing_links_leave_no_generation_on_a_linked_device(
     admin: asyncpg.Connection, wide_pool: None
 ) -> None:

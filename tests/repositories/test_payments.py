@@ -975,6 +975,42 @@ async def test_a_device_refund_racing_its_link_takes_back_the_device_month_eithe
     assert await db.audit_problems(admin) == []
 
 
+async def test_a_device_refund_waiting_on_its_link_takes_from_the_accounts_balance(
+    admin: asyncpg.Connection,
+) -> None:
+    """The account holds 210 tokens and pro, the device 1,005 and a premium
+    month. A half refund of the premium payment (500 tokens, 15 days) waits
+    behind the link for that payment, and then must take its 500 from the
+    1,215 the account holds: computed from the wallet as the refund's
+    snapshot saw it (210 - 500), it failed the balance check and was refused.
+    The account's pro month, as premium, and 15 of the device's 30 days are
+    left."""
+    await wide_pool(10)
+    account = await get_or_create_clerk_user(f"user_{uuid4().hex[:12]}")
+    device = await get_or_create_device_user(f"device-{uuid4().hex[:12]}", None, 5)
+    await paid_payment(account.id, "pro_month")
+    bought = await paid_payment(device.id, "premium_month")
+    async with admin.transaction():
+        # the link, then the refund, queue for the device's payment
+        await admin.execute("select 1 from payments where id = $1 for update", bought.id)
+        link = asyncio.ensure_future(link_device(account.id, device.device_id or ""))
+        await until_waiting_on_a_lock(admin)
+        refund = asyncio.ensure_future(
+            apply_refund(bought.provider_payment_id or "", "rf-behind-link", 74950)
+        )
+        await until_waiting_on_a_lock(admin, 2)
+    await link
+    result = await refund
+
+    assert result.changed and result.credited_tokens == -500
+    assert await db.balance(admin, account.id) == 1215 - 500
+    [plan] = [p for p in await subscription(admin, account.id) if p["status"] == "active"]
+    assert plan["plan"] == "premium"
+    pro_worth = 30 * DAY * 49900 / 149900
+    assert abs(float(plan["seconds_left"]) - (pro_worth + 15 * DAY)) < 60  # type: ignore[arg-type]
+    assert await db.audit_problems(admin) == []
+
+
 async def test_a_refund_waiting_on_a_conversion_of_the_plan_cuts_the_plan_as_converted(
     admin: asyncpg.Connection,
 ) -> None:
