@@ -47,7 +47,11 @@ async def _on_connect(connection: asyncpg.Connection) -> None:
 
 
 def connect_arguments(settings: config.Settings) -> dict[str, Any]:
-    server_settings = {"application_name": "dreamlens"}
+    # Plan periods are days added to timestamps, and a day is 24 hours only
+    # in a zone without clock changes: in the database's own zone (when not
+    # UTC) a month bought before clocks go forward would end an hour early,
+    # and a refund of it would leave that hour
+    server_settings = {"application_name": "dreamlens", "TimeZone": "UTC"}
     if settings.statement_timeout_ms > 0:
         server_settings["statement_timeout"] = str(settings.statement_timeout_ms)
     if settings.client_check_interval_ms > 0:

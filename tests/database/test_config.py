@@ -72,6 +72,16 @@ def test_no_client_check_interval_is_sent_at_connect_behind_a_pooler_by_default(
     assert sent.get("client_connection_check_interval") == (str(interval_ms) if interval_ms else None)
 
 
+@pytest.mark.parametrize("cache_size", ["100", "0"])
+def test_sessions_work_in_utc_directly_and_behind_a_pooler(
+    monkeypatch: pytest.MonkeyPatch, cache_size: str
+) -> None:
+    """TimeZone is a parameter PgBouncer passes on, so it is sent either way."""
+    monkeypatch.setenv("DATABASE_URL", "postgresql://x/db")
+    monkeypatch.setenv("DB_STATEMENT_CACHE_SIZE", cache_size)
+    assert pool.connect_arguments(config.load())["server_settings"]["TimeZone"] == "UTC"
+
+
 def test_lambda_pool_defaults_to_one_connection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATABASE_URL", "postgresql://x/db")
     monkeypatch.setenv("AWS_LAMBDA_FUNCTION_NAME", "dreamlens-tokens")

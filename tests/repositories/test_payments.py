@@ -4,7 +4,7 @@ creation, forward-only status, exactly-once credit and refunds, the audit."""
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
 
 import asyncpg
@@ -1031,6 +1031,38 @@ async def test_a_refund_waiting_on_a_conversion_of_the_plan_cuts_the_plan_as_con
     assert (plan["plan"], plan["status"]) == ("premium", "active")
     assert 30 * DAY - 60 < float(plan["seconds_left"]) <= 30 * DAY + 1  # type: ignore[arg-type]
     assert abs(await plan_taken(admin, "rf-waiting") - 30 * DAY * 49900 / 149900) < 60
+
+
+def a_zone_whose_clocks_go_forward_in_ten_days() -> str:
+    """A POSIX zone, UTC+1 and UTC+2 in its summer, whose clocks go forward
+    ten days from today (Europe/Berlin at the end of March behaves alike)."""
+    today = datetime.now(UTC).timetuple().tm_yday
+    forward, back = (today + 9) % 365 + 1, (today + 199) % 365 + 1
+    return f"AAA-1BBB,J{forward}/2,J{back}/3"
+
+
+async def test_a_chargeback_ends_the_month_whatever_the_databases_time_zone(
+    admin: asyncpg.Connection,
+) -> None:
+    """In a zone with a clock change in ten days a calendar month is 719
+    hours, and a refund that took back 719 hours as days left an hour of
+    plan: the app's sessions work in UTC, whatever the database's zone."""
+    name = await admin.fetchval("select current_database()")
+    await admin.execute(
+        f"alter database \"{name}\" set timezone = '{a_zone_whose_clocks_go_forward_in_ten_days()}'"
+    )
+    await pool.close_pool()
+    try:
+        user_id = await new_user(admin)
+        payment = await paid_payment(user_id, "pro_month")
+        await apply_refund(payment.provider_payment_id or "", "rf-clock-change", 49900)
+    finally:
+        await admin.execute(f'alter database "{name}" reset timezone')
+        await pool.close_pool()
+    [plan] = await subscription(admin, user_id)
+    assert plan["status"] == "canceled"
+    assert float(plan["seconds_left"]) <= 0  # type: ignore[arg-type]
+    assert 30 * DAY - 60 < await plan_taken(admin, "rf-clock-change") <= 30 * DAY
 
 
 # --------------------------------------------------------------- reconciler
