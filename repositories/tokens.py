@@ -142,7 +142,7 @@ wallet as (
     -- lock the wallet row and read its latest committed balance (a locking
     -- read is not bound to the snapshot): concurrent moves on this user queue
     -- here, and each decides on what the one before it left
-    select user_id, balance
+    select user_id, balance, total_earned, total_spent
       from user_tokens
      where user_id = $1
        and not exists (select 1 from earlier)
@@ -152,14 +152,17 @@ moved as (
     -- the update rule: spend and refund move total_spent, every other type
     -- total_earned, so balance = total_earned - total_spent always; a refund
     -- larger than this wallet ever spent (the spend was on a device wallet
-    -- since linked in) counts the excess as earned
+    -- since linked in) counts the excess as earned. Computed from the locked
+    -- row (w), not from t: PostgreSQL checks the new row against the
+    -- constraints before it rechecks a row changed since the snapshot, so a
+    -- credit that committed while this waited would otherwise refuse it
     update user_tokens t
-       set balance      = t.balance + $2,
-           total_earned = t.total_earned + case when $3 = 'spend' then 0
-                                                when $3 = 'refund' then greatest($2 - t.total_spent, 0)
+       set balance      = w.balance + $2,
+           total_earned = w.total_earned + case when $3 = 'spend' then 0
+                                                when $3 = 'refund' then greatest($2 - w.total_spent, 0)
                                                 else $2 end,
-           total_spent  = t.total_spent - case when $3 = 'spend' then $2
-                                               when $3 = 'refund' then least($2, t.total_spent)
+           total_spent  = w.total_spent - case when $3 = 'spend' then $2
+                                               when $3 = 'refund' then least($2, w.total_spent)
                                                else 0 end,
            updated_at   = now()
       from wallet w

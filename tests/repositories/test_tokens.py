@@ -14,7 +14,7 @@ import pytest
 from database import InsufficientTokens, InvalidRequest, NotFound, cache, pool, stats, transaction
 from repositories import tokens
 from tests import db
-from tests.repositories import wide_pool
+from tests.repositories import until_waiting_on_a_lock, wide_pool
 
 
 @pytest.fixture
@@ -428,3 +428,32 @@ async def test_unknown_user_has_an_empty_ledger() -> None:
     page = await tokens.list_transactions(uuid.uuid4())
     assert page.items == []
     assert page.next_before is None
+
+
+async def test_a_spend_waiting_on_a_credit_spends_from_the_credited_balance(
+    admin: asyncpg.Connection,
+) -> None:
+    """The wallet holds 1 token, and a credit of 10 commits while a spend of
+    2 waits for the wallet: 11 - 2 leaves 9. Computed from the balance its
+    snapshot saw (1 - 2), it failed the balance check before PostgreSQL
+    rechecked the newer row, and was refused."""
+    user_id = await db.insert_user(admin, clerk_id="user_spend_behind_credit")
+    await tokens.spend(user_id, 9, "spend-down")
+    assert await db.balance(admin, user_id) == 1
+    async with admin.transaction():
+        await admin.execute(
+            "update user_tokens set balance = balance + 10, total_earned = total_earned + 10"
+            " where user_id = $1",
+            user_id,
+        )
+        await admin.execute(
+            "insert into token_transactions (user_id, amount, balance_after, type, idempotency_key)"
+            " values ($1, 10, 11, 'purchase', 'credit-while-waiting')",
+            user_id,
+        )
+        spend = asyncio.ensure_future(tokens.spend(user_id, 2, "spend-behind-credit"))
+        await until_waiting_on_a_lock(admin)
+    result = await spend
+    assert result.entry.balance_after == 9
+    assert await db.balance(admin, user_id) == 9
+    assert await db.audit_problems(admin) == []
