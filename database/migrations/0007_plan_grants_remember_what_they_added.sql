@@ -219,14 +219,15 @@ $$;
 -- back only its own time: what is left of the plan is handed out from its
 -- end backwards, the last paid month last, each month its period less what
 -- its refunds took, as time on the plan kept. The months whose time falls
--- before now are used (a refund of one takes nothing). The plans are locked
--- for the moment it takes, so that no credit or refund moves one meanwhile.
+-- before now are used (a refund of one takes nothing). No credit or refund
+-- moves a plan meanwhile: the trigger and the foreign key above already hold
+-- subscriptions and payments against every writer (a row lock here would
+-- only wait for a link holding its plan, which waits for those: a deadlock).
 with running as (
     select s.user_id, s.plan, s.current_period_end
       from subscriptions s
      where s.status = 'active'
        and s.current_period_end > now()
-       for share
 ),
 months as (
     select p.id, r.plan, a.added, a.taken_back,

@@ -313,6 +313,44 @@ async def test_0007_records_the_months_of_running_plans_credited_before_it(fresh
     assert status == "canceled"
 
 
+async def test_0007_waits_for_no_link_that_holds_its_plan(fresh_database: str) -> None:
+    """A link holds the account's plan (for update), then moves payments.
+    0007 meanwhile holds payments and subscriptions against writers; had its
+    backfill waited for the plan's row, the two would deadlock."""
+    from repositories.users import get_or_create_clerk_user
+    from tests.repositories import paid_payment
+
+    await init_database()
+    account = await get_or_create_clerk_user("user_linking_during_0007")
+    await paid_payment(account.id, "pro_month")
+    link = await asyncpg.connect(fresh_database)
+    try:
+        await link.execute(
+            "drop table plan_grants; drop function plan_refund;"
+            " alter table payment_refunds drop column plan_taken;"
+            " delete from schema_migrations where version >= 7"
+        )
+        migrations_module.forget_initialized()
+        waiting = (
+            "select count(*) from pg_stat_activity"
+            " where application_name = 'dreamlens' and wait_event_type = 'Lock'"
+        )
+        async with link.transaction():
+            await link.execute("select id from subscriptions where user_id = $1 for update", account.id)
+            init = asyncio.ensure_future(init_database())
+            async with asyncio.timeout(30):
+                while not init.done() and await link.fetchval(waiting) < 1:
+                    await link.execute("select pg_stat_clear_snapshot()")
+                    await asyncio.sleep(0.01)
+            await link.execute(
+                "update payments set updated_at = now() where user_id = $1", account.id, timeout=20
+            )
+        await init
+    finally:
+        await link.close()
+    assert await sql.fetchval("select count(*) from plan_grants") == 1
+
+
 async def test_a_plan_refund_on_a_database_without_plan_refund_applies_its_migration_first(
     fresh_database: str,
 ) -> None:
