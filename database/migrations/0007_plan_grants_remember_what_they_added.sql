@@ -217,37 +217,88 @@ $$;
 -- Plan payments credited before this migration have no grant recorded. Each
 -- one of a plan still running gets one now, so that its refunds too take
 -- back only its own time: what is left of the plan is handed out from its
--- end backwards, the last paid month last, each month its period less what
--- its refunds took, as time on the plan kept. The months whose time falls
--- before now are used (a refund of one takes nothing). No credit or refund
--- moves a plan meanwhile: the trigger and the foreign key above already hold
--- subscriptions and payments against every writer (a row lock here would
--- only wait for a link holding its plan, which waits for those: a deadlock).
+-- end backwards, the last month on the plan's timeline last, as time on the
+-- plan kept. The months whose time falls before now are used (a refund of
+-- one takes nothing). No credit or refund moves a plan meanwhile: the
+-- trigger and the foreign key above already hold subscriptions and payments
+-- against every writer (a row lock here would only wait for a link holding
+-- its plan, which waits for those: a deadlock).
+-- A month paid on a device linked in since lies where the link put it:
+-- after the account's months bought before the link, before those bought
+-- after, and it brought only what the device had not used of it by then.
+-- The link moved the payment; its credit's ledger row stayed with the
+-- device, which tells such a month apart.
 with running as (
     select s.user_id, s.plan, s.current_period_end
       from subscriptions s
      where s.status = 'active'
        and s.current_period_end > now()
 ),
-months as (
-    select p.id, r.plan, a.added, a.taken_back,
-           r.current_period_end
-           - coalesce(sum(a.added - a.taken_back) over (partition by p.user_id
-                                                        order by p.paid_at desc nulls last, p.created_at desc, p.id
-                                                        rows between unbounded preceding and 1 preceding),
-                      interval '0') as ends_at
+unrecorded as (
+    -- each month's period less what its refunds took, in its own plan's days
+    select p.id, p.user_id, p.plan as paid_plan, p.paid_at, p.created_at,
+           r.plan, r.current_period_end,
+           make_interval(days => p.period_days) as period,
+           least(p.refunded_amount, p.amount)::float8 / p.amount as refunded,
+           make_interval(days => p.period_days) * (1 - least(p.refunded_amount, p.amount)::float8 / p.amount)
+               as net,
+           d.id as device_id, d.linked_at
       from payments p
       join running r on r.user_id = p.user_id
-     cross join lateral (
-         select plan_time_in(p.plan, r.plan, make_interval(days => p.period_days)) as added,
-                plan_time_in(p.plan, r.plan, make_interval(days => p.period_days)
-                                             * (least(p.refunded_amount, p.amount)::float8 / p.amount)) as taken_back
-     ) a
+      left join lateral (
+          select u.id, u.linked_at
+            from users u
+           where u.linked_to_user_id = p.user_id
+             and exists (select 1
+                           from token_transactions x
+                          where x.user_id = u.id
+                            and x.idempotency_key = 'payment:' || p.id)
+      ) d on true
      where p.plan is not null
        and p.status = 'succeeded'
        and not exists (select 1 from plan_grants g where g.payment_id = p.id)
+),
+device_sums as (
+    select u.id, u.device_id, u.paid_at, u.created_at, u.net,
+           sum(u.net) over (partition by u.device_id order by u.paid_at, u.created_at, u.id
+                            rows between unbounded preceding and current row) as through
+      from unrecorded u
+     where u.device_id is not null
+),
+on_the_device as (
+    -- how each linked-in month ran on its device, one after another, a month
+    -- bought during the device's plan starting where that plan ended: month
+    -- n ends at the latest, over k <= n, of paid_at(k) + net(k) + ... + net(n),
+    -- which is through(n) + the latest paid_at(k) - through(k - 1)
+    select d.id,
+           d.through + max(d.paid_at - (d.through - d.net))
+                           over (partition by d.device_id order by d.paid_at, d.created_at, d.id
+                                 rows between unbounded preceding and current row) as ended
+      from device_sums d
+),
+lengths as (
+    select u.*,
+           plan_time_in(u.paid_plan, u.plan, u.period) as added,
+           plan_time_in(u.paid_plan, u.plan, u.period * u.refunded) as taken_back,
+           plan_time_in(u.paid_plan, u.plan,
+                        case when u.device_id is null then u.net
+                             -- what was left of it at the link
+                             else greatest(e.ended - greatest(e.ended - u.net, u.linked_at), interval '0')
+                        end) as length
+      from unrecorded u
+      left join on_the_device e on e.id = u.id
+),
+months as (
+    select l.id, l.plan, l.added, l.taken_back, l.length,
+           l.current_period_end
+           - coalesce(sum(l.length) over (partition by l.user_id
+                                          order by coalesce(l.linked_at, l.paid_at) desc nulls last,
+                                                   l.paid_at desc nulls last, l.created_at desc, l.id
+                                          rows between unbounded preceding and 1 preceding),
+                      interval '0') as ends_at
+      from lengths l
 )
 insert into plan_grants (payment_id, plan, added, starts_at, ends_at, taken_back)
-select m.id, m.plan, m.added, m.ends_at - (m.added - m.taken_back), m.ends_at, m.taken_back
+select m.id, m.plan, m.added, m.ends_at - m.length, m.ends_at, m.taken_back
   from months m
 on conflict (payment_id) do nothing;
