@@ -216,89 +216,210 @@ $$;
 
 -- Plan payments credited before this migration have no grant recorded. Each
 -- one of a plan still running gets one now, so that its refunds too take
--- back only its own time: what is left of the plan is handed out from its
--- end backwards, the last month on the plan's timeline last, as time on the
--- plan kept. The months whose time falls before now are used (a refund of
--- one takes nothing). No credit or refund moves a plan meanwhile: the
+-- back only its own time. Where each month's time lies is found by playing
+-- the plan's history again, as the code before this migration wrote it:
+-- - a credit (at paid_at) puts the month's period last on its payer's plan,
+--   or starts the plan when none runs; a higher plan converts what is left
+--   of the one held (plan_merge);
+-- - a refund (at its payment_refunds.created_at) took the refunded share of
+--   the period off the plan's end, whether or not the month was used;
+-- - a link (at linked_at) put what was left of the device's plan after the
+--   account's, converted into the plan kept, or made it the account's.
+-- A month paid on a device is told apart by its credit's ledger row, which
+-- the link left with the device (a package with no tokens has none: the
+-- link cleared its payment's idempotency key, which the API always sets).
+-- Time given with no payment (activate_plan) is not in that history: time
+-- the months do not cover is left to no grant, and a month played past the
+-- plan's end is cut at it. No credit or refund moves a plan meanwhile: the
 -- trigger and the foreign key above already hold subscriptions and payments
 -- against every writer (a row lock here would only wait for a link holding
 -- its plan, which waits for those: a deadlock).
--- A month paid on a device linked in since lies where the link put it:
--- after the account's months bought before the link, before those bought
--- after, and it brought only what the device had not used of it by then.
--- The link moved the payment; its credit's ledger row stayed with the
--- device, which tells such a month apart.
-with running as (
-    select s.user_id, s.plan, s.current_period_end
-      from subscriptions s
-     where s.status = 'active'
-       and s.current_period_end > now()
-),
-unrecorded as (
-    -- each month's period less what its refunds took, in its own plan's days
-    select p.id, p.user_id, p.plan as paid_plan, p.paid_at, p.created_at,
-           r.plan, r.current_period_end,
-           make_interval(days => p.period_days) as period,
-           least(p.refunded_amount, p.amount)::float8 / p.amount as refunded,
-           make_interval(days => p.period_days) * (1 - least(p.refunded_amount, p.amount)::float8 / p.amount)
-               as net,
-           d.id as device_id, d.linked_at
-      from payments p
-      join running r on r.user_id = p.user_id
-      left join lateral (
-          select u.id, u.linked_at
-            from users u
-           where u.linked_to_user_id = p.user_id
-             and exists (select 1
-                           from token_transactions x
-                          where x.user_id = u.id
-                            and x.idempotency_key = 'payment:' || p.id)
-      ) d on true
-     where p.plan is not null
-       and p.status = 'succeeded'
-       and not exists (select 1 from plan_grants g where g.payment_id = p.id)
-),
-device_sums as (
-    select u.id, u.device_id, u.paid_at, u.created_at, u.net,
-           sum(u.net) over (partition by u.device_id order by u.paid_at, u.created_at, u.id
-                            rows between unbounded preceding and current row) as through
-      from unrecorded u
-     where u.device_id is not null
-),
-on_the_device as (
-    -- how each linked-in month ran on its device, one after another, a month
-    -- bought during the device's plan starting where that plan ended: month
-    -- n ends at the latest, over k <= n, of paid_at(k) + net(k) + ... + net(n),
-    -- which is through(n) + the latest paid_at(k) - through(k - 1)
-    select d.id,
-           d.through + max(d.paid_at - (d.through - d.net))
-                           over (partition by d.device_id order by d.paid_at, d.created_at, d.id
-                                 rows between unbounded preceding and current row) as ended
-      from device_sums d
-),
-lengths as (
-    select u.*,
-           plan_time_in(u.paid_plan, u.plan, u.period) as added,
-           plan_time_in(u.paid_plan, u.plan, u.period * u.refunded) as taken_back,
-           plan_time_in(u.paid_plan, u.plan,
-                        case when u.device_id is null then u.net
-                             -- what was left of it at the link
-                             else greatest(e.ended - greatest(e.ended - u.net, u.linked_at), interval '0')
-                        end) as length
-      from unrecorded u
-      left join on_the_device e on e.id = u.id
-),
-months as (
-    select l.id, l.plan, l.added, l.taken_back, l.length,
-           l.current_period_end
-           - coalesce(sum(l.length) over (partition by l.user_id
-                                          order by coalesce(l.linked_at, l.paid_at) desc nulls last,
-                                                   l.paid_at desc nulls last, l.created_at desc, l.id
-                                          rows between unbounded preceding and 1 preceding),
-                      interval '0') as ends_at
-      from lengths l
-)
+create temporary table plan_replay_timelines (
+    id       uuid primary key,      -- the user whose plan it is (an account or a device)
+    plan     text not null,
+    ends_at  timestamptz not null
+) on commit drop;
+
+create temporary table plan_replay_months (
+    payment_id uuid primary key,
+    timeline   uuid not null,       -- the plan the month's time lies on now
+    plan       text not null,
+    starts_at  timestamptz not null,
+    ends_at    timestamptz not null
+) on commit drop;
+
+do $replay$
+declare
+    happening record;
+    held      record;
+    device    record;
+    kept      text;
+    added     interval;
+    merged_to timestamptz;
+begin
+    for happening in
+        with running as (
+            select s.user_id
+              from subscriptions s
+             where s.status = 'active'
+               and s.current_period_end > now()
+        ),
+        paid as (
+            select p.id, p.user_id as account, p.plan, p.amount,
+                   make_interval(days => p.period_days) as period, p.paid_at,
+                   coalesce(d.id, p.user_id) as payer, d.linked_at
+              from payments p
+              join running r on r.user_id = p.user_id
+              left join lateral (
+                  select u.id, u.linked_at
+                    from users u
+                   where u.linked_to_user_id = p.user_id
+                     and (exists (select 1
+                                    from token_transactions x
+                                   where x.user_id = u.id
+                                     and x.idempotency_key = 'payment:' || p.id)
+                          or (p.tokens = 0 and p.idempotency_key is null and u.linked_at >= p.paid_at))
+                   order by u.linked_at
+                   limit 1
+              ) d on true
+             where p.plan is not null
+               and p.status in ('succeeded', 'refunded')
+               and p.paid_at is not null
+        )
+        select 'credit' as kind, p.paid_at as at, p.account, p.payer as timeline, p.id as payment_id,
+               p.plan, p.period as span
+          from paid p
+        union all
+        -- each refund's share of the period, counted cumulatively as the refund did
+        select 'refund', r.created_at, p.account,
+               case when r.created_at < p.linked_at then p.payer else p.account end,
+               p.id, p.plan,
+               p.period * ((least(p.amount, r.through) - least(p.amount, r.through - r.amount))::float8
+                           / p.amount)
+          from paid p
+          join (select x.payment_id, x.amount, x.created_at,
+                       sum(x.amount) over (partition by x.payment_id
+                                           order by x.created_at, x.provider_refund_id) as through
+                  from payment_refunds x) r on r.payment_id = p.id
+        union all
+        select 'link', u.linked_at, u.linked_to_user_id, u.id, null, null, null
+          from users u
+          join running r on r.user_id = u.linked_to_user_id
+         order by account, at, kind
+    loop
+        select t.plan, t.ends_at into held
+          from plan_replay_timelines t
+         where t.id = happening.timeline;
+
+        if happening.kind = 'credit' then
+            if held.ends_at is null or held.ends_at <= happening.at then
+                insert into plan_replay_timelines (id, plan, ends_at)
+                values (happening.timeline, happening.plan, happening.at + happening.span)
+                on conflict (id) do update set plan = excluded.plan, ends_at = excluded.ends_at;
+                insert into plan_replay_months
+                values (happening.payment_id, happening.timeline, happening.plan,
+                        happening.at, happening.at + happening.span);
+                continue;
+            end if;
+            kept := held.plan;
+            if (select p.daily_generation_limit from plans p where p.id = happening.plan)
+               > (select p.daily_generation_limit from plans p where p.id = held.plan) then
+                kept := happening.plan;
+                update plan_replay_months m
+                   set plan      = kept,
+                       starts_at = happening.at
+                                   + plan_time_in(m.plan, kept, greatest(m.starts_at, happening.at) - happening.at),
+                       ends_at   = happening.at + plan_time_in(m.plan, kept, m.ends_at - happening.at)
+                 where m.timeline = happening.timeline
+                   and m.ends_at > happening.at;
+                held.ends_at := happening.at + plan_time_in(held.plan, kept, held.ends_at - happening.at);
+            end if;
+            added := plan_time_in(happening.plan, kept, happening.span);
+            insert into plan_replay_months
+            values (happening.payment_id, happening.timeline, kept, held.ends_at, held.ends_at + added);
+            update plan_replay_timelines
+               set plan = kept, ends_at = held.ends_at + added
+             where id = happening.timeline;
+
+        elsif happening.kind = 'refund' then
+            if held.ends_at is not null and held.ends_at > happening.at then
+                held.ends_at := greatest(held.ends_at - plan_time_in(happening.plan, held.plan, happening.span),
+                                         happening.at);
+                update plan_replay_timelines set ends_at = held.ends_at where id = happening.timeline;
+                update plan_replay_months m
+                   set starts_at = least(m.starts_at, held.ends_at),
+                       ends_at   = least(m.ends_at, held.ends_at)
+                 where m.timeline = happening.timeline;
+            end if;
+
+        else  -- a link: timeline is the device, account the account
+            select t.plan, t.ends_at into device
+              from plan_replay_timelines t
+             where t.id = happening.timeline;
+            select t.plan, t.ends_at into held
+              from plan_replay_timelines t
+             where t.id = happening.account;
+            if device.ends_at is null or device.ends_at <= happening.at then
+                continue;   -- the device's plan had run out: nothing moved
+            end if;
+            if held.ends_at is null or held.ends_at <= happening.at then
+                -- the device's plan became the account's
+                update plan_replay_months set timeline = happening.account
+                 where timeline = happening.timeline;
+                insert into plan_replay_timelines (id, plan, ends_at)
+                values (happening.account, device.plan, device.ends_at)
+                on conflict (id) do update set plan = excluded.plan, ends_at = excluded.ends_at;
+            else
+                kept := held.plan;
+                if (select p.daily_generation_limit from plans p where p.id = device.plan)
+                   > (select p.daily_generation_limit from plans p where p.id = held.plan) then
+                    kept := device.plan;
+                    update plan_replay_months m
+                       set plan      = kept,
+                           starts_at = happening.at
+                                       + plan_time_in(m.plan, kept, greatest(m.starts_at, happening.at) - happening.at),
+                           ends_at   = happening.at + plan_time_in(m.plan, kept, m.ends_at - happening.at)
+                     where m.timeline = happening.account
+                       and m.ends_at > happening.at;
+                    held.ends_at := happening.at + plan_time_in(held.plan, kept, held.ends_at - happening.at);
+                end if;
+                merged_to := held.ends_at + plan_time_in(device.plan, kept, device.ends_at - happening.at);
+                update plan_replay_months m
+                   set timeline  = happening.account,
+                       plan      = kept,
+                       starts_at = merged_to
+                                   - plan_time_in(m.plan, kept, device.ends_at - greatest(m.starts_at, happening.at)),
+                       ends_at   = merged_to - plan_time_in(m.plan, kept, device.ends_at - m.ends_at)
+                 where m.timeline = happening.timeline
+                   and m.ends_at > happening.at;
+                update plan_replay_timelines set plan = kept, ends_at = merged_to where id = happening.account;
+            end if;
+            update plan_replay_timelines set ends_at = happening.at where id = happening.timeline;
+        end if;
+    end loop;
+end
+$replay$;
+
+-- Each month of a running plan as the history puts it, as time on the plan
+-- kept: what is still to come converted into it (when time given with no
+-- payment changed the plan), cut at the plan's end.
 insert into plan_grants (payment_id, plan, added, starts_at, ends_at, taken_back)
-select m.id, m.plan, m.added, m.ends_at - m.length, m.ends_at, m.taken_back
-  from months m
+select p.id, s.plan,
+       plan_time_in(p.plan, s.plan, make_interval(days => p.period_days)),
+       least(case when m.ends_at > now()
+                  then now() + plan_time_in(m.plan, s.plan, greatest(m.starts_at, now()) - now())
+                  else m.starts_at
+             end, s.current_period_end),
+       least(case when m.ends_at > now()
+                  then now() + plan_time_in(m.plan, s.plan, m.ends_at - now())
+                  else m.ends_at
+             end, s.current_period_end),
+       plan_time_in(p.plan, s.plan, make_interval(days => p.period_days)
+                                    * (least(p.refunded_amount, p.amount)::float8 / p.amount))
+  from plan_replay_months m
+  join payments p on p.id = m.payment_id
+  join subscriptions s on s.user_id = p.user_id
+                      and s.status = 'active'
+                      and s.current_period_end > now()
+ where p.status = 'succeeded'
 on conflict (payment_id) do nothing;

@@ -4,34 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
 import pytest
 
-from database import SchemaTooNew, config, init_database, migration_status, pool, sql
+from database import SchemaTooNew, init_database, migration_status, sql
 from database import migrations as migrations_module
-from repositories.payments import Payment
-from tests import db
-
-
-@pytest.fixture
-async def fresh_database(admin: asyncpg.Connection, schema: str) -> AsyncIterator[str]:
-    name = f"fresh_{uuid.uuid4().hex[:12]}"
-    await admin.execute(f'create database "{name}"')
-    url = db.with_database(schema, name)
-    await pool.close_pool()
-    config.configure(url=url, non_pooling_url=url, pool_max_size=50)
-    migrations_module.forget_initialized()
-    try:
-        yield url
-    finally:
-        await pool.close_pool()
-        config.reset()
-        migrations_module.forget_initialized()
-        await admin.execute(f'drop database "{name}" with (force)')
 
 
 async def has_column(table: str, column: str) -> bool:
@@ -273,167 +253,6 @@ async def test_a_plan_credit_on_a_database_without_plan_grants_applies_its_migra
 
 
 # what 0007 adds, taken away again: the database as older code left it
-BEFORE_0007 = (
-    "drop table plan_grants; drop function plan_refund;"
-    " alter table payment_refunds drop column plan_taken;"
-    " delete from schema_migrations where version >= 7"
-)
-
-
-async def days_pass_before_0007(database_url: str, days: int) -> None:
-    """Everything `days` further into the past, as if that many days passed:
-    plans, grants, payments and links."""
-    connection = await asyncpg.connect(database_url)
-    try:
-        async with connection.transaction():
-            for statement in (
-                "update subscriptions set current_period_start = current_period_start - {days},"
-                "                         current_period_end = current_period_end - {days}",
-                "update plan_grants set starts_at = starts_at - {days}, ends_at = ends_at - {days}",
-                "update payments set created_at = created_at - {days}, paid_at = paid_at - {days}",
-                "update users set linked_at = linked_at - {days} where linked_at is not null",
-            ):
-                await connection.execute(statement.format(days="make_interval(days => $1)"), days)
-    finally:
-        await connection.close()
-
-
-async def migrate_to_0007(database_url: str) -> None:
-    """The database as older code left it, then 0007 applied to it."""
-    connection = await asyncpg.connect(database_url)
-    try:
-        await connection.execute(BEFORE_0007)
-    finally:
-        await connection.close()
-    migrations_module.forget_initialized()
-    await init_database()
-
-
-async def refund_takes(payment: Payment, refund_id: str, amount: int) -> float:
-    """The days of plan time a refund of `payment` took back."""
-    from repositories.payments import apply_refund
-
-    assert (await apply_refund(payment.provider_payment_id or "", refund_id, amount)).changed
-    taken = await sql.fetchval(
-        "select plan_taken from payment_refunds where provider_refund_id = $1", refund_id
-    )
-    return float(taken.total_seconds()) / 86400
-
-
-async def test_0007_records_the_months_of_running_plans_credited_before_it(fresh_database: str) -> None:
-    """Three pro months credited before 0007, 35 days ago, the third half
-    refunded: 75 days, 40 left. 0007 hands them out from the plan's end
-    backwards, so the first month has run out and its chargeback takes
-    nothing, the third's other half takes its 15 days, the second's the 25
-    days left of it, and the plan ends."""
-    from repositories.payments import apply_refund
-    from tests.repositories import paid_payment
-
-    await init_database()
-    user_id = await sql.fetchval("insert into users (clerk_id) values ('user_before_0007') returning id")
-    first, second, third = [await paid_payment(user_id, "pro_month") for _ in range(3)]
-    assert (await apply_refund(third.provider_payment_id or "", "rf-0007-half", 24950)).changed
-    await days_pass_before_0007(fresh_database, 35)
-    await migrate_to_0007(fresh_database)
-    assert await sql.fetchval("select count(*) from plan_grants") == 3
-
-    assert await refund_takes(first, "rf-0007-first", 49900) == 0
-    assert abs(await refund_takes(third, "rf-0007-third", 24950) - 15) < 0.001
-    assert abs(await refund_takes(second, "rf-0007-second", 49900) - 25) < 0.001
-    status = await sql.fetchval("select status from subscriptions where user_id = $1", user_id)
-    assert status == "canceled"
-
-
-async def test_0007_puts_a_linked_device_month_where_the_link_put_it(fresh_database: str) -> None:
-    """A device buys two pro months at once and uses 40 days of them; then
-    the account buys pro and links the device: the account's 30 days, then
-    the device's 20. Five days on, 0007 runs. The account month has 25 days
-    left, the device's second month 20 and its first none, though the
-    device's were paid earlier."""
-    from repositories.users import get_or_create_clerk_user, get_or_create_device_user, link_device
-    from tests.repositories import paid_payment
-
-    await init_database()
-    account = await get_or_create_clerk_user("user_linking_before_0007")
-    device = await get_or_create_device_user("device-linked-before-0007", None, 5)
-    device_first, device_second = [await paid_payment(device.id, "pro_month") for _ in range(2)]
-    await days_pass_before_0007(fresh_database, 40)
-    account_month = await paid_payment(account.id, "pro_month")
-    await link_device(account.id, "device-linked-before-0007")
-    await days_pass_before_0007(fresh_database, 5)
-    await migrate_to_0007(fresh_database)
-
-    assert abs(await refund_takes(account_month, "rf-0007-account", 49900) - 25) < 0.001
-    assert abs(await refund_takes(device_second, "rf-0007-device-second", 49900) - 20) < 0.001
-    assert await refund_takes(device_first, "rf-0007-device-first", 49900) == 0
-    status = await sql.fetchval("select status from subscriptions where user_id = $1", account.id)
-    assert status == "canceled"
-    connection = await asyncpg.connect(fresh_database)
-    try:
-        assert await db.audit_problems(connection) == []
-    finally:
-        await connection.close()
-
-
-async def test_0007_gives_no_time_to_a_device_month_that_ran_out_before_its_link(
-    fresh_database: str,
-) -> None:
-    """The account buys two pro months, the device one; 35 days on, with the
-    device's plan run out, the device is linked, and 0007 runs. The device's
-    month takes back nothing, the account's second month its 25 days."""
-    from repositories.users import get_or_create_clerk_user, get_or_create_device_user, link_device
-    from tests.repositories import paid_payment
-
-    await init_database()
-    account = await get_or_create_clerk_user("user_linking_late_before_0007")
-    device = await get_or_create_device_user("device-ran-out-before-0007", None, 5)
-    account_first, account_second = [await paid_payment(account.id, "pro_month") for _ in range(2)]
-    device_month = await paid_payment(device.id, "pro_month")
-    await days_pass_before_0007(fresh_database, 35)
-    await link_device(account.id, "device-ran-out-before-0007")
-    await migrate_to_0007(fresh_database)
-
-    assert await refund_takes(device_month, "rf-0007-late-device", 49900) == 0
-    assert abs(await refund_takes(account_second, "rf-0007-late-second", 49900) - 25) < 0.001
-    assert await refund_takes(account_first, "rf-0007-late-first", 49900) == 0
-    status = await sql.fetchval("select status from subscriptions where user_id = $1", account.id)
-    assert status == "canceled"
-
-
-async def test_0007_waits_for_no_link_that_holds_its_plan(fresh_database: str) -> None:
-    """A link holds the account's plan (for update), then moves payments.
-    0007 meanwhile holds payments and subscriptions against writers; had its
-    backfill waited for the plan's row, the two would deadlock."""
-    from repositories.users import get_or_create_clerk_user
-    from tests.repositories import paid_payment
-
-    await init_database()
-    account = await get_or_create_clerk_user("user_linking_during_0007")
-    await paid_payment(account.id, "pro_month")
-    link = await asyncpg.connect(fresh_database)
-    try:
-        await link.execute(BEFORE_0007)
-        migrations_module.forget_initialized()
-        waiting = (
-            "select count(*) from pg_stat_activity"
-            " where application_name = 'dreamlens' and wait_event_type = 'Lock'"
-        )
-        async with link.transaction():
-            await link.execute("select id from subscriptions where user_id = $1 for update", account.id)
-            init = asyncio.ensure_future(init_database())
-            async with asyncio.timeout(30):
-                while not init.done() and await link.fetchval(waiting) < 1:
-                    await link.execute("select pg_stat_clear_snapshot()")
-                    await asyncio.sleep(0.01)
-            await link.execute(
-                "update payments set updated_at = now() where user_id = $1", account.id, timeout=20
-            )
-        await init
-    finally:
-        await link.close()
-    assert await sql.fetchval("select count(*) from plan_grants") == 1
-
-
 async def test_a_plan_refund_on_a_database_without_plan_refund_applies_its_migration_first(
     fresh_database: str,
 ) -> None:
