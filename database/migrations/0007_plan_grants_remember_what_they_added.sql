@@ -222,12 +222,16 @@ $$;
 --   or starts the plan when none runs; a higher plan converts what is left
 --   of the one held (plan_merge);
 -- - a refund (at its payment_refunds.created_at) took the refunded share of
---   the period off the plan's end, whether or not the month was used;
--- - a link (at linked_at) put what was left of the device's plan after the
---   account's, converted into the plan kept, or made it the account's.
+--   the period off the plan's end, whether or not the month was used: it is
+--   played as taking what the month had left first, the rest from the end;
+-- - a link (at linked_at, its transaction's start: a device's credit that
+--   committed while the link waited counts as before it) put what was left
+--   of the device's plan after the account's, converted into the plan
+--   kept, or made it the account's.
 -- A month paid on a device is told apart by its credit's ledger row, which
 -- the link left with the device (a package with no tokens has none: the
--- link cleared its payment's idempotency key, which the API always sets).
+-- link cleared its payment's idempotency key, which the API always sets,
+-- and stamped its updated_at with linked_at).
 -- Time given with no payment (activate_plan) is not in that history: time
 -- the months do not cover is left to no grant, and a month played past the
 -- plan's end is cut at it. No credit or refund moves a plan meanwhile: the
@@ -253,6 +257,8 @@ declare
     happening record;
     held      record;
     device    record;
+    refunded  record;
+    cut       interval;
     kept      text;
     added     interval;
     merged_to timestamptz;
@@ -278,15 +284,20 @@ begin
                                     from token_transactions x
                                    where x.user_id = u.id
                                      and x.idempotency_key = 'payment:' || p.id)
-                          or (p.tokens = 0 and p.idempotency_key is null and u.linked_at >= p.paid_at))
-                   order by u.linked_at
+                          or (p.tokens = 0 and p.idempotency_key is null
+                              and u.created_at <= p.created_at and u.linked_at >= p.paid_at))
+                   -- the link stamped the payments it moved with its time
+                   order by p.updated_at = u.linked_at desc, u.linked_at
                    limit 1
               ) d on true
              where p.plan is not null
                and p.status in ('succeeded', 'refunded')
                and p.paid_at is not null
         )
-        select 'credit' as kind, p.paid_at as at, p.account, p.payer as timeline, p.id as payment_id,
+        -- a device's credit that committed while its link waited for the
+        -- payment (linked_at is the link's transaction start) was before it
+        select 'credit' as kind, least(p.paid_at, p.linked_at - interval '1 microsecond') as at,
+               p.account, p.payer as timeline, p.id as payment_id,
                p.plan, p.period as span
           from paid p
         union all
@@ -343,8 +354,25 @@ begin
 
         elsif happening.kind = 'refund' then
             if held.ends_at is not null and held.ends_at > happening.at then
-                held.ends_at := greatest(held.ends_at - plan_time_in(happening.plan, held.plan, happening.span),
-                                         happening.at);
+                cut := plan_time_in(happening.plan, held.plan, happening.span);
+                -- what the cut takes is the refunded month's own time first,
+                -- what it has left, and the months after it move up by that;
+                -- the rest of the cut is what older code took from others
+                select m.ends_at, least(cut, greatest(m.ends_at - greatest(m.starts_at, happening.at),
+                                                      interval '0')) as own
+                  into refunded
+                  from plan_replay_months m
+                 where m.payment_id = happening.payment_id
+                   and m.timeline = happening.timeline;
+                if refunded.own > interval '0' then
+                    update plan_replay_months m
+                       set starts_at = case when m.payment_id = happening.payment_id then m.starts_at
+                                            else greatest(m.starts_at - refunded.own, happening.at) end,
+                           ends_at   = greatest(m.ends_at - refunded.own, happening.at)
+                     where m.timeline = happening.timeline
+                       and (m.payment_id = happening.payment_id or m.ends_at > refunded.ends_at);
+                end if;
+                held.ends_at := greatest(held.ends_at - cut, happening.at);
                 update plan_replay_timelines set ends_at = held.ends_at where id = happening.timeline;
                 update plan_replay_months m
                    set starts_at = least(m.starts_at, held.ends_at),

@@ -37,8 +37,9 @@ async def days_pass_before_0007(database_url: str, days: int) -> None:
                 "update subscriptions set current_period_start = current_period_start - {days},"
                 "                         current_period_end = current_period_end - {days}",
                 "update plan_grants set starts_at = starts_at - {days}, ends_at = ends_at - {days}",
-                "update payments set created_at = created_at - {days}, paid_at = paid_at - {days}",
-                "update users set linked_at = linked_at - {days} where linked_at is not null",
+                "update payments set created_at = created_at - {days}, paid_at = paid_at - {days},"
+                "                    updated_at = updated_at - {days}",
+                "update users set created_at = created_at - {days}, linked_at = linked_at - {days}",
                 "update payment_refunds set created_at = created_at - {days}",
             ):
                 await connection.execute(statement.format(days="make_interval(days => $1)"), days)
@@ -275,6 +276,130 @@ async def test_0007_follows_an_older_refund_that_cut_the_plan_after_a_used_month
     assert await refund_takes(month_a, "rf-0007-refunded-a", 24950) == 0
     assert abs(await refund_takes(month_b, "rf-0007-refunded-b", 49900) - 5) < 0.001
     assert abs(await refund_takes(account_month, "rf-0007-refunded-account", 49900) - 29) < 0.001
+
+
+async def test_0007_an_older_refund_of_a_running_month_takes_its_own_time_first(fresh_database: str) -> None:
+    """The account buys pro months A and B (A 0..30, B 30..60). On day 10
+    older code refunds A in full: 30 days off the plan's end, 20 left. Those
+    20 days are B's (A's own 20 days went first, then 10 of B's): a full
+    refund of B must take them and end the plan. The replay clips B to
+    nothing and leaves the 20 days with A, refunded, which has no grant: B's
+    refund takes 0 and the customer keeps 20 days with both months refunded."""
+    from tests.repositories import paid_payment
+
+    await init_database()
+    user_id = await sql.fetchval("insert into users (clerk_id) values ('review_refund_running') returning id")
+    month_a = await paid_payment(user_id, "pro_month")
+    month_b = await paid_payment(user_id, "pro_month")
+    await days_pass_before_0007(fresh_database, 10)
+    await refunded_by_older_code(fresh_database, month_a, 49900)
+    await sql.execute("update payments set status = 'refunded' where id = $1", month_a.id)
+    await days_pass_before_0007(fresh_database, 1)
+    await migrate_to_0007(fresh_database)
+    assert abs(await plan_days_left(user_id) - 19) < 0.001
+
+    assert abs(await refund_takes(month_b, "rf-review-running-b", 49900) - 19) < 0.001
+
+
+async def test_0007_an_older_half_refund_of_an_unused_month_leaves_the_next_month_whole(
+    fresh_database: str,
+) -> None:
+    """A 0..30 and B 30..60, both pro; at once older code refunds half of A:
+    the plan ends on day 45. A has 15 paid days, B all 30: a full refund of
+    B takes 30 days. The replay clips B to 30..45 and B's refund takes 15,
+    leaving the customer 30 days for half a month paid."""
+    from tests.repositories import paid_payment
+
+    await init_database()
+    user_id = await sql.fetchval("insert into users (clerk_id) values ('review_half_refund') returning id")
+    month_a = await paid_payment(user_id, "pro_month")
+    month_b = await paid_payment(user_id, "pro_month")
+    await refunded_by_older_code(fresh_database, month_a, 24950)
+    await days_pass_before_0007(fresh_database, 1)
+    await migrate_to_0007(fresh_database)
+    assert abs(await plan_days_left(user_id) - 44) < 0.001
+
+    assert abs(await refund_takes(month_b, "rf-review-half-b", 49900) - 30) < 0.001
+
+
+async def test_0007_a_device_month_credited_while_its_link_waited_is_placed_after_the_accounts(
+    fresh_database: str,
+) -> None:
+    """The account holds pro month A (0..30). A link of the device begins and
+    waits for a device payment's row (a webhook about an older token
+    purchase holds it); meanwhile the device buys pro month D, credited on
+    the device's plan. The link then moves that plan: D lies 30..60 after A,
+    but linked_at (the link's now()) is before D's paid_at. The replay plays
+    the link first and starts D on the device's ended timeline at 0..30, on
+    top of A: once A is refunded, D's refund takes about a day, not 30."""
+    import asyncio
+
+    import asyncpg
+
+    from repositories.users import get_or_create_clerk_user, get_or_create_device_user, link_device
+    from tests.repositories import paid_payment, until_waiting_on_a_lock
+
+    await init_database()
+    account = await get_or_create_clerk_user("review_link_race")
+    device = await get_or_create_device_user("device-review-link-race", None, 5)
+    older = await paid_payment(device.id, "tokens_50")
+    month_a = await paid_payment(account.id, "pro_month")
+    webhook = await asyncpg.connect(fresh_database)
+    try:
+        async with webhook.transaction():
+            await webhook.execute("select id from payments where id = $1 for update", older.id)
+            link = asyncio.ensure_future(link_device(account.id, "device-review-link-race"))
+            await until_waiting_on_a_lock(webhook)
+            month_d = await paid_payment(device.id, "pro_month")
+        await link
+    finally:
+        await webhook.close()
+    await days_pass_before_0007(fresh_database, 1)
+    await migrate_to_0007(fresh_database)
+    assert abs(await plan_days_left(account.id) - 59) < 0.01
+
+    assert abs(await refund_takes(month_a, "rf-review-race-a", 49900) - 29) < 0.01
+    assert abs(await refund_takes(month_d, "rf-review-race-d", 49900) - 30) < 0.01
+
+
+async def test_0007_a_month_without_tokens_is_told_from_another_devices_linked_earlier(
+    fresh_database: str,
+) -> None:
+    """A plan package with no tokens leaves no ledger row. Device 1 buys pro
+    with tokens (Q), device 2 pro_only (P), the account pro (A), all on day
+    0. Device 1 is linked on day 5 (Q's 25 days after A: 30..55), device 2 on
+    day 10 (P's 20 days: 55..75); on day 12 the account buys B (75..105).
+    The replay gives P to device 1, the first device linked after it was
+    paid, so device 1 brings Q and P (55 days: 30..85) and B is put at
+    85..105, cut at the plan's end: B's full refund takes 20 days, not 30."""
+    from repositories.users import get_or_create_clerk_user, get_or_create_device_user, link_device
+    from tests.repositories import paid_payment
+
+    await init_database()
+    await sql.execute(
+        "insert into token_packages (id, kind, tokens, plan, period_days, amount, currency, description)"
+        " values ('pro_only', 'plan', 0, 'pro', 30, 49900, 'RUB', 'Pro for 30 days')"
+    )
+    account = await get_or_create_clerk_user("review_two_devices_no_tokens")
+    first = await get_or_create_device_user("device-review-first", None, 5)
+    second = await get_or_create_device_user("device-review-second", None, 5)
+    month_q = await paid_payment(first.id, "pro_month")
+    month_p = await paid_payment(second.id, "pro_only")
+    month_a = await paid_payment(account.id, "pro_month")
+    await days_pass_before_0007(fresh_database, 5)
+    await link_device(account.id, "device-review-first")
+    await days_pass_before_0007(fresh_database, 5)
+    await link_device(account.id, "device-review-second")
+    await days_pass_before_0007(fresh_database, 2)
+    month_b = await paid_payment(account.id, "pro_month")
+    await days_pass_before_0007(fresh_database, 1)
+    await migrate_to_0007(fresh_database)
+    assert abs(await plan_days_left(account.id) - 92) < 0.001
+
+    assert abs(await refund_takes(month_b, "rf-review-two-b", 49900) - 30) < 0.001
+    assert abs(await refund_takes(month_p, "rf-review-two-p", 49900) - 20) < 0.001
+    assert abs(await refund_takes(month_q, "rf-review-two-q", 49900) - 25) < 0.001
+    assert abs(await refund_takes(month_a, "rf-review-two-a", 49900) - 17) < 0.001
 
 
 async def test_0007_waits_for_no_link_that_holds_its_plan(fresh_database: str) -> None:
