@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -94,3 +95,22 @@ async def admin(direct_url: str) -> AsyncIterator[asyncpg.Connection]:
         yield connection
     finally:
         await connection.close()
+
+
+@pytest.fixture
+async def fresh_database(admin: asyncpg.Connection, schema: str) -> AsyncIterator[str]:
+    """An empty database of its own the app is pointed at, for the tests of
+    schema initialization and migrations."""
+    name = f"fresh_{uuid.uuid4().hex[:12]}"
+    await admin.execute(f'create database "{name}"')
+    url = db.with_database(schema, name)
+    await pool.close_pool()
+    config.configure(url=url, non_pooling_url=url, pool_max_size=50)
+    migrations.forget_initialized()
+    try:
+        yield url
+    finally:
+        await pool.close_pool()
+        config.reset()
+        migrations.forget_initialized()
+        await admin.execute(f'drop database "{name}" with (force)')

@@ -282,9 +282,8 @@ async def test_0007_an_older_refund_of_a_running_month_takes_its_own_time_first(
     """The account buys pro months A and B (A 0..30, B 30..60). On day 10
     older code refunds A in full: 30 days off the plan's end, 20 left. Those
     20 days are B's (A's own 20 days went first, then 10 of B's): a full
-    refund of B must take them and end the plan. The replay clips B to
-    nothing and leaves the 20 days with A, refunded, which has no grant: B's
-    refund takes 0 and the customer keeps 20 days with both months refunded."""
+    refund of B takes them and ends the plan, leaving no time with A, which
+    is refunded and has no grant."""
     from tests.repositories import paid_payment
 
     await init_database()
@@ -306,8 +305,7 @@ async def test_0007_an_older_half_refund_of_an_unused_month_leaves_the_next_mont
 ) -> None:
     """A 0..30 and B 30..60, both pro; at once older code refunds half of A:
     the plan ends on day 45. A has 15 paid days, B all 30: a full refund of
-    B takes 30 days. The replay clips B to 30..45 and B's refund takes 15,
-    leaving the customer 30 days for half a month paid."""
+    B takes 30 days, not the 15 that clipping B at the end would leave."""
     from tests.repositories import paid_payment
 
     await init_database()
@@ -329,9 +327,8 @@ async def test_0007_a_device_month_credited_while_its_link_waited_is_placed_afte
     waits for a device payment's row (a webhook about an older token
     purchase holds it); meanwhile the device buys pro month D, credited on
     the device's plan. The link then moves that plan: D lies 30..60 after A,
-    but linked_at (the link's now()) is before D's paid_at. The replay plays
-    the link first and starts D on the device's ended timeline at 0..30, on
-    top of A: once A is refunded, D's refund takes about a day, not 30."""
+    but linked_at (the link's now()) is before D's paid_at. D's credit
+    counts as before the link: once A is refunded, D's refund takes 30 days."""
     import asyncio
 
     import asyncpg
@@ -369,9 +366,8 @@ async def test_0007_a_month_without_tokens_is_told_from_another_devices_linked_e
     with tokens (Q), device 2 pro_only (P), the account pro (A), all on day
     0. Device 1 is linked on day 5 (Q's 25 days after A: 30..55), device 2 on
     day 10 (P's 20 days: 55..75); on day 12 the account buys B (75..105).
-    The replay gives P to device 1, the first device linked after it was
-    paid, so device 1 brings Q and P (55 days: 30..85) and B is put at
-    85..105, cut at the plan's end: B's full refund takes 20 days, not 30."""
+    P is device 2's (the link stamped it), not device 1's, the first linked
+    after P was paid: B's full refund takes its 30 days."""
     from repositories.users import get_or_create_clerk_user, get_or_create_device_user, link_device
     from tests.repositories import paid_payment
 

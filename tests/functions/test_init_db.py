@@ -4,17 +4,13 @@ refused with a wrong one, and applying the schema to a fresh database."""
 from __future__ import annotations
 
 import logging
-import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
-from database import config, pool
 from database import migrations as migrations_module
 from functions import settings
 from functions.init_db import handler
-from tests import db
 from tests.functions.lambda_events import EVENT_BUILDERS, invoke
 
 VERSIONS = sorted(EVENT_BUILDERS)
@@ -26,23 +22,6 @@ def init_secret(monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv("DB_INIT_SECRET", SECRET)
     settings.reset()
     return SECRET
-
-
-@pytest.fixture
-async def fresh_database(admin: asyncpg.Connection, schema: str) -> AsyncIterator[str]:
-    """An empty database the app is pointed at (as in tests/database/test_migrations.py)."""
-    name = f"fresh_{uuid.uuid4().hex[:12]}"
-    await admin.execute(f'create database "{name}"')
-    url = db.with_database(schema, name)
-    await pool.close_pool()
-    config.configure(url=url, non_pooling_url=url)
-    migrations_module.forget_initialized()
-    try:
-        yield url
-    finally:
-        config.reset()
-        migrations_module.forget_initialized()
-        await admin.execute(f'drop database "{name}" with (force)')
 
 
 @pytest.mark.parametrize("version", VERSIONS)
