@@ -252,6 +252,35 @@ create temporary table plan_replay_months (
     ends_at    timestamptz not null
 ) on commit drop;
 
+-- Time on `added_plan` added at `at_time` to the plan running on
+-- `on_timeline`: the plan kept, by plan_merge's rule (the higher daily
+-- limit; the one held on a tie). When that is the added one, what is left of
+-- the held plan, and of each of its months, is converted into it.
+create function pg_temp.plan_replay_keep(on_timeline uuid, at_time timestamptz, added_plan text)
+returns text
+language plpgsql as $$
+declare
+    held_plan text;
+begin
+    select t.plan into held_plan from plan_replay_timelines t where t.id = on_timeline;
+    if not coalesce((select p.daily_generation_limit from plans p where p.id = added_plan)
+                    > (select p.daily_generation_limit from plans p where p.id = held_plan), false) then
+        return held_plan;
+    end if;
+    update plan_replay_months m
+       set plan      = added_plan,
+           starts_at = at_time + plan_time_in(m.plan, added_plan, greatest(m.starts_at, at_time) - at_time),
+           ends_at   = at_time + plan_time_in(m.plan, added_plan, m.ends_at - at_time)
+     where m.timeline = on_timeline
+       and m.ends_at > at_time;
+    update plan_replay_timelines t
+       set plan    = added_plan,
+           ends_at = at_time + plan_time_in(t.plan, added_plan, t.ends_at - at_time)
+     where t.id = on_timeline;
+    return added_plan;
+end
+$$;
+
 do $replay$
 declare
     happening record;
@@ -332,19 +361,10 @@ begin
                         happening.at, happening.at + happening.span);
                 continue;
             end if;
-            kept := held.plan;
-            if (select p.daily_generation_limit from plans p where p.id = happening.plan)
-               > (select p.daily_generation_limit from plans p where p.id = held.plan) then
-                kept := happening.plan;
-                update plan_replay_months m
-                   set plan      = kept,
-                       starts_at = happening.at
-                                   + plan_time_in(m.plan, kept, greatest(m.starts_at, happening.at) - happening.at),
-                       ends_at   = happening.at + plan_time_in(m.plan, kept, m.ends_at - happening.at)
-                 where m.timeline = happening.timeline
-                   and m.ends_at > happening.at;
-                held.ends_at := happening.at + plan_time_in(held.plan, kept, held.ends_at - happening.at);
-            end if;
+            kept := pg_temp.plan_replay_keep(happening.timeline, happening.at, happening.plan);
+            select t.plan, t.ends_at into held
+              from plan_replay_timelines t
+             where t.id = happening.timeline;
             added := plan_time_in(happening.plan, kept, happening.span);
             insert into plan_replay_months
             values (happening.payment_id, happening.timeline, kept, held.ends_at, held.ends_at + added);
@@ -398,19 +418,10 @@ begin
                 values (happening.account, device.plan, device.ends_at)
                 on conflict (id) do update set plan = excluded.plan, ends_at = excluded.ends_at;
             else
-                kept := held.plan;
-                if (select p.daily_generation_limit from plans p where p.id = device.plan)
-                   > (select p.daily_generation_limit from plans p where p.id = held.plan) then
-                    kept := device.plan;
-                    update plan_replay_months m
-                       set plan      = kept,
-                           starts_at = happening.at
-                                       + plan_time_in(m.plan, kept, greatest(m.starts_at, happening.at) - happening.at),
-                           ends_at   = happening.at + plan_time_in(m.plan, kept, m.ends_at - happening.at)
-                     where m.timeline = happening.account
-                       and m.ends_at > happening.at;
-                    held.ends_at := happening.at + plan_time_in(held.plan, kept, held.ends_at - happening.at);
-                end if;
+                kept := pg_temp.plan_replay_keep(happening.account, happening.at, device.plan);
+                select t.plan, t.ends_at into held
+                  from plan_replay_timelines t
+                 where t.id = happening.account;
                 merged_to := held.ends_at + plan_time_in(device.plan, kept, device.ends_at - happening.at);
                 update plan_replay_months m
                    set timeline  = happening.account,
@@ -451,3 +462,7 @@ select p.id, s.plan,
                       and s.current_period_end > now()
  where p.status = 'succeeded'
 on conflict (payment_id) do nothing;
+
+-- the replay's helper lives in this session's temporary schema, which a
+-- pooled connection keeps
+drop function pg_temp.plan_replay_keep(uuid, timestamptz, text);
