@@ -2,6 +2,7 @@
 
     user = await current_user(request)        # Clerk or device; 401/403/429
     user = await require_clerk_user(request)  # Clerk only; 401 without a session token
+    user = await known_user(request)          # as current_user, but None for a caller never seen
     ip = source_ip(request)                   # API Gateway's view, never a client header
 
 `Authorization: Bearer <jwt>` is a Clerk session token verified here, without
@@ -241,6 +242,28 @@ async def current_user(request: Request) -> User:
     if device is None:
         raise Unauthorized("Send a Clerk session token (Authorization: Bearer) or X-Device-Id")
     return _identified(request, await _device_user(device, request))
+
+
+async def known_user(request: Request) -> User | None:
+    """The caller as `current_user` finds it, or None for one never seen:
+    for a request that can only answer what its caller did before, and so
+    must not write a new caller's user and welcome bonus."""
+    token = bearer_token(request)
+    if token is not None:
+        clerk_id: str = verify_session_token(token)["sub"]
+        kind, key, find = "clerk", clerk_id, _users().find_clerk_user
+    else:
+        device = device_id(request)
+        if device is None:
+            raise Unauthorized("Send a Clerk session token (Authorization: Bearer) or X-Device-Id")
+        kind, key, find = "device", device, _users().find_device_user
+    user: User | None = _identities.get((kind, key))
+    if user is None:
+        user = await find(key)
+        if user is None:
+            return None
+        _remember(kind, key, user)
+    return _identified(request, user)
 
 
 async def require_clerk_user(request: Request) -> User:

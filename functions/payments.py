@@ -15,10 +15,12 @@ under the same Idempotence-Key, which YooKassa answers with the payment it
 already made. So however often a client repeats, there is one payment row and
 one provider payment.
 
-The package id is checked before the caller is resolved, against the ids
-this process has seen (repositories.packages.package_exists: a round trip
-only for an id not seen yet), so a request for no package writes nothing,
-not even a new device's user.
+A request refused for its package writes nothing, not even a new device's
+user: the package is checked first (repositories.packages.package_state: no
+round trip for an id last seen on sale), and a caller never seen before is
+created only after the database confirms the package is on sale now. A
+retired package can only be named by a repeat of a payment made before it
+was retired, whose payer exists.
 
 Tokens are credited by the webhook (functions/webhook.py) or, when its
 notification is lost, by the reconciler (functions/jobs.py), never here.
@@ -41,7 +43,7 @@ from database import Conflict, InvalidRequest, ProviderUnavailable
 from database.model import Model
 from functions.app import build_app
 from functions.http import RequestModel, idempotency_key, json_response, no_query_params, read_json
-from functions.identity import current_user
+from functions.identity import current_user, known_user
 from functions.openapi import endpoint
 from repositories import packages, payments
 from repositories.payments import Payment
@@ -174,19 +176,29 @@ async def create_payment(request: Request) -> Response:
     new one with a new key. `amount` is in minor units.
     """
     # the input first: a new device's first sight writes its user and bonus,
-    # which a request refused for its body must not do. A retired package
-    # passes here: a repeat of a payment made before it was retired still
-    # answers that payment (the statement decides what can be bought).
+    # which a request refused for its body must not do
     no_query_params(request)
     body = await read_json(request, CreatePayment)
-    key = idempotency_key(request) or f"auto:{uuid4()}"
-    if not await packages.package_exists(body.package_id):
+    client_key = idempotency_key(request)
+    state = await packages.package_state(body.package_id)
+    if state == "unknown":
         raise _not_on_sale(body.package_id)
-    user = await current_user(request)
+    user = await known_user(request)
+    if user is None:
+        # a new caller is written (with its welcome bonus) only for a package
+        # on sale as the database says now: this process may have seen it on
+        # sale before it was retired. A retired package is answered only for
+        # a repeat of a payment made before, whose payer exists.
+        if state == "retired" or await packages.package_state(body.package_id, fresh=True) != "on sale":
+            raise _not_on_sale(body.package_id)
+        user = await current_user(request)
+    key = client_key or f"auto:{uuid4()}"
     try:
         payment, _ = await payments.create_pending_payment(user.id, body.package_id, key)
     except InvalidRequest as exc:
-        # the package is the only input the statement can refuse
+        # the package is the only input the statement can refuse: retired
+        # since this process saw it on sale
+        packages.package_refused(body.package_id)
         raise _not_on_sale(body.package_id) from exc
     if payment.provider_payment_id is None:
         if payment.status != "pending":

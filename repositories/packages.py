@@ -40,30 +40,44 @@ select id, kind, tokens, plan, period_days, amount, currency, description
 """
 
 
-PACKAGE_IDS = """
--- name: package_ids
+PACKAGE_STATES = """
+-- name: package_states
 -- every package ever sold, retired ones too: a row is never deleted (payments
--- refer to it), so an id seen once is a package for good
-select id from token_packages
+-- refer to it)
+select id, active from token_packages
 """
 
-# package ids this process has seen: only a miss asks the database again
-_known_ids: set[str] = set()
+PackageState = Literal["on sale", "retired", "unknown"]
+
+# ids this process last saw on sale: only these skip the round trip
+_on_sale: set[str] = set()
 
 
-async def package_exists(package_id: str, db: Executor = sql) -> bool:
-    """Whether `package_id` names a package, on sale or retired. A known id
-    costs nothing; an unknown one one round trip (a package added meanwhile
-    is found then). Whether it can be bought is the payment statement's to say."""
-    if package_id in _known_ids:
-        return True
-    _known_ids.update(row["id"] for row in await db.fetch(PACKAGE_IDS))
-    return package_id in _known_ids
+async def package_state(package_id: str, *, fresh: bool = False, db: Executor = sql) -> PackageState:
+    """Whether `package_id` is on sale, retired (a repeat of a payment made
+    before may still name it), or names no package. An id last seen on sale
+    costs nothing unless `fresh`; any other one round trip, so a package
+    added or put back on sale is found. One seen on sale may have been
+    retired since: the payment statement has the last word (then
+    `package_refused`)."""
+    if package_id in _on_sale and not fresh:
+        return "on sale"
+    rows = await db.fetch(PACKAGE_STATES)
+    _on_sale.clear()
+    _on_sale.update(row["id"] for row in rows if row["active"])
+    if package_id in _on_sale:
+        return "on sale"
+    return "retired" if any(row["id"] == package_id for row in rows) else "unknown"
 
 
-def forget_package_ids() -> None:
+def package_refused(package_id: str) -> None:
+    """The payment statement found `package_id` off sale: ask the database next time."""
+    _on_sale.discard(package_id)
+
+
+def forget_package_states() -> None:
     """Tests that change the catalogue start from what the database holds."""
-    _known_ids.clear()
+    _on_sale.clear()
 
 
 async def list_packages(db: Executor = sql) -> list[Package]:

@@ -140,12 +140,33 @@ async def get_or_create_clerk_user(clerk_id: str, email: str | None = None, db: 
     raise Conflict("The user is being created by another request; try again")
 
 
+GET_CLERK_USER = """
+-- name: get_clerk_user
+select id, clerk_id, device_id, email, created_at, linked_to_user_id, false as created
+  from users
+ where clerk_id = $1
+"""
+
+
+async def find_clerk_user(clerk_id: str, db: Executor = sql) -> User | None:
+    """The Clerk user if it was ever seen, else None: never creates one."""
+    row = await db.fetchrow(GET_CLERK_USER, clerk_id)
+    return None if row is None else _user(row)
+
+
 GET_DEVICE_USER = """
 -- name: get_device_user
 select id, clerk_id, device_id, email, created_at, linked_to_user_id, false as created
   from users
  where device_id = $1
 """
+
+
+async def find_device_user(device_id: str, db: Executor = sql) -> User | None:
+    """The device's user if it was ever seen, else None: never creates one.
+    Raises DeviceLinked for a device that was linked into a Clerk account."""
+    row = await db.fetchrow(GET_DEVICE_USER, device_id)
+    return None if row is None else _active_device(row)
 
 # $1 the lock namespace, $2 the signup network
 LOCK_SIGNUPS_FROM_NETWORK = """
@@ -254,9 +275,9 @@ async def get_or_create_device_user(
     has no limit. The signup row and the user keep the exact address.
     Raises DeviceLinked for a device that was linked into a Clerk account.
     """
-    row = await db.fetchrow(GET_DEVICE_USER, device_id)
-    if row is not None:
-        return _active_device(row)
+    known = await find_device_user(device_id, db)
+    if known is not None:
+        return known
     host = _host(source_ip) if source_ip is not None else None
     network = _signup_network(host) if host is not None else None
 

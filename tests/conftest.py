@@ -82,7 +82,7 @@ async def clean_database(schema: str, direct_url: str) -> AsyncIterator[None]:
     finally:
         await connection.close()
     cache.clear()
-    packages.forget_package_ids()
+    packages.forget_package_states()
     yield
     config.reset()
 

@@ -66,6 +66,11 @@ async def payment_count(admin: asyncpg.Connection) -> int:
     return count
 
 
+async def users_of_device(admin: asyncpg.Connection, device: str) -> int:
+    count: int = await admin.fetchval("select count(*) from users where device_id = $1", device)
+    return count
+
+
 def get_payment_event(version: str, payment_id: str, device: str) -> dict[str, Any]:
     return EVENT_BUILDERS[version]("GET", f"/api/payments/{payment_id}", headers=user_headers(device))
 
@@ -98,9 +103,42 @@ async def test_a_retired_package_is_not_listed_and_cannot_be_bought(
     await admin.execute("update token_packages set active = false where id = 'tokens_200'")
     listed = await invoke(payments.handler, EVENT_BUILDERS["v2"]("GET", "/api/packages"))
     assert "tokens_200" not in [item["id"] for item in listed.body["items"]]
-    refused = await buy("device-retired-1", "tokens_200")
+    refused = await buy("device-retired-1", "tokens_200", key="retired-1")
     assert (refused.status, refused.body["error"]) == (422, "invalid_request")
     assert await payment_count(admin) == 0
+    # a refusal writes nothing: not even the new device's user and bonus
+    assert await users_of_device(admin, "device-retired-1") == 0
+
+
+async def test_a_package_retired_while_the_process_saw_it_on_sale_writes_no_new_user(
+    fake: FakeYooKassa, admin: asyncpg.Connection
+) -> None:
+    assert (await buy("device-retired-2", "tokens_200")).status == 201  # seen on sale here
+    await admin.execute("update token_packages set active = false where id = 'tokens_200'")
+    for device in ("device-retired-3", "device-retired-4"):
+        refused = await buy(device, "tokens_200")
+        assert (refused.status, refused.body["error"]) == (422, "invalid_request")
+        assert await users_of_device(admin, device) == 0
+    # a caller already known is refused by the payment statement
+    again = await buy("device-retired-2", "tokens_200")
+    assert (again.status, again.body["error"]) == (422, "invalid_request")
+    assert await payment_count(admin) == 1
+    assert await db.audit_problems(admin) == []
+
+
+async def test_a_payment_made_before_its_package_was_retired_is_still_answered_to_a_repeat(
+    fake: FakeYooKassa, admin: asyncpg.Connection
+) -> None:
+    first = await buy("device-retired-5", "tokens_200", key="bought-before")
+    assert first.status == 201
+    await admin.execute("update token_packages set active = false where id = 'tokens_200'")
+    payments.packages.forget_package_states()  # a process that never saw it on sale
+    repeat = await buy("device-retired-5", "tokens_200", key="bought-before")
+    assert (repeat.status, repeat.body) == (201, first.body)
+    # a new key for the retired package is a new purchase: refused
+    refused = await buy("device-retired-5", "tokens_200", key="bought-after")
+    assert (refused.status, refused.body["error"]) == (422, "invalid_request")
+    assert await payment_count(admin) == 1
 
 
 # ----------------------------------------------------------------- creating
