@@ -198,6 +198,14 @@ select case
                    from token_transactions x
                   where x.user_id = $1
                     and x.idempotency_key = 'generation:' || e.id),
+                -- the spend of a device before its link into this account
+                -- (the generation moved, its ledger row stayed): a repeat is
+                -- answered as the first answer was
+                (select x.balance_after
+                   from users d
+                   join token_transactions x on x.user_id = d.id
+                  where d.linked_to_user_id = $1
+                    and x.idempotency_key = 'generation:' || e.id),
                 w.balance) as balance,
        (select p.cost from price p) as price,
        -- a daily limit lifts at the next UTC midnight

@@ -168,6 +168,7 @@ async def find_device_user(device_id: str, db: Executor = sql) -> User | None:
     row = await db.fetchrow(GET_DEVICE_USER, device_id)
     return None if row is None else _active_device(row)
 
+
 # $1 the lock namespace, $2 the signup network
 LOCK_SIGNUPS_FROM_NETWORK = """
 -- name: lock_signups_from_network
@@ -421,15 +422,33 @@ account_entry as (
       from account_wallet a, moving m
 ),
 generations_moved as (
-    -- keys are unique per user: the device's could collide with the account's
-    update generations
-       set user_id = $1, idempotency_key = null, updated_at = now()
-     where user_id = $2
+    -- The keys go along: an app that lost the answer to a spend and repeats
+    -- it as the account after the link (the device now answers 403) must be
+    -- answered the spend made, not charged again. Keys are unique per user,
+    -- so one the account has used itself is dropped; no spend of the
+    -- account can add one meanwhile, as a spend shares the user row this
+    -- link holds.
+    update generations g
+       set user_id = $1,
+           idempotency_key = case when exists (select 1
+                                                 from generations a
+                                                where a.user_id = $1
+                                                  and a.idempotency_key = g.idempotency_key)
+                                  then null else g.idempotency_key end,
+           updated_at = now()
+     where g.user_id = $2
 ),
 payments_moved as (
-    update payments
-       set user_id = $1, idempotency_key = null, updated_at = now()
-     where user_id = $2
+    -- as for generations: a payment repeated as the account is the same one
+    update payments p
+       set user_id = $1,
+           idempotency_key = case when exists (select 1
+                                                 from payments a
+                                                where a.user_id = $1
+                                                  and a.idempotency_key = p.idempotency_key)
+                                  then null else p.idempotency_key end,
+           updated_at = now()
+     where p.user_id = $2
 ),
 device_plan as (
     -- a plan bought on the device is paid time: it goes with the device's

@@ -47,6 +47,23 @@ async def days_pass_before_0007(database_url: str, days: int) -> None:
         await connection.close()
 
 
+async def link_as_older_code(account_id: uuid.UUID, device_id: str) -> None:
+    """A link as older code made it: today's, then what it did besides,
+    clearing the idempotency keys of the payments and generations it moved
+    (0007 tells a device's month of a package without tokens by that)."""
+    from repositories.users import link_device
+
+    device_user = await sql.fetchval("select id from users where device_id = $1", device_id)
+    await link_device(account_id, device_id)
+    for table in ("payments", "generations"):
+        await sql.execute(
+            f"update {table} set idempotency_key = null"
+            "  where user_id = $1 and updated_at = (select linked_at from users where id = $2)",
+            account_id,
+            device_user,
+        )
+
+
 async def migrate_to_0007(database_url: str) -> None:
     """The database as older code left it, then 0007 applied to it."""
     connection = await asyncpg.connect(database_url)
@@ -139,7 +156,7 @@ async def test_0007_puts_a_linked_device_month_where_the_link_put_it(fresh_datab
     the device's 20. Five days on, 0007 runs. The account month has 25 days
     left, the device's second month 20 and its first none, though the
     device's were paid earlier."""
-    from repositories.users import get_or_create_clerk_user, get_or_create_device_user, link_device
+    from repositories.users import get_or_create_clerk_user, get_or_create_device_user
     from tests.repositories import paid_payment
 
     await init_database()
@@ -148,7 +165,7 @@ async def test_0007_puts_a_linked_device_month_where_the_link_put_it(fresh_datab
     device_first, device_second = [await paid_payment(device.id, "pro_month") for _ in range(2)]
     await days_pass_before_0007(fresh_database, 40)
     account_month = await paid_payment(account.id, "pro_month")
-    await link_device(account.id, "device-linked-before-0007")
+    await link_as_older_code(account.id, "device-linked-before-0007")
     await days_pass_before_0007(fresh_database, 5)
     await migrate_to_0007(fresh_database)
 
@@ -170,7 +187,7 @@ async def test_0007_gives_no_time_to_a_device_month_that_ran_out_before_its_link
     """The account buys two pro months, the device one; 35 days on, with the
     device's plan run out, the device is linked, and 0007 runs. The device's
     month takes back nothing, the account's second month its 25 days."""
-    from repositories.users import get_or_create_clerk_user, get_or_create_device_user, link_device
+    from repositories.users import get_or_create_clerk_user, get_or_create_device_user
     from tests.repositories import paid_payment
 
     await init_database()
@@ -179,7 +196,7 @@ async def test_0007_gives_no_time_to_a_device_month_that_ran_out_before_its_link
     account_first, account_second = [await paid_payment(account.id, "pro_month") for _ in range(2)]
     device_month = await paid_payment(device.id, "pro_month")
     await days_pass_before_0007(fresh_database, 35)
-    await link_device(account.id, "device-ran-out-before-0007")
+    await link_as_older_code(account.id, "device-ran-out-before-0007")
     await migrate_to_0007(fresh_database)
 
     assert await refund_takes(device_month, "rf-0007-late-device", 49900) == 0
@@ -196,7 +213,7 @@ async def test_0007_tells_a_device_month_of_a_package_without_tokens_by_its_clea
     which device paid: the link cleared the payment's idempotency key. The
     device's two months, bought 40 days before the link, brought 20 days
     after the account's month, which has 25 left."""
-    from repositories.users import get_or_create_clerk_user, get_or_create_device_user, link_device
+    from repositories.users import get_or_create_clerk_user, get_or_create_device_user
     from tests.repositories import paid_payment
 
     await init_database()
@@ -209,7 +226,7 @@ async def test_0007_tells_a_device_month_of_a_package_without_tokens_by_its_clea
     device_first, device_second = [await paid_payment(device.id, "pro_only") for _ in range(2)]
     await days_pass_before_0007(fresh_database, 40)
     account_month = await paid_payment(account.id, "pro_only")
-    await link_device(account.id, "device-plain-before-0007")
+    await link_as_older_code(account.id, "device-plain-before-0007")
     await days_pass_before_0007(fresh_database, 5)
     await migrate_to_0007(fresh_database)
     assert abs(await plan_days_left(account.id) - 45) < 0.001
@@ -224,7 +241,7 @@ async def test_0007_runs_a_devices_months_of_two_plans_in_the_plan_it_kept(fresh
     premium days, the premium month follows. On day 19 the account buys
     premium; on day 20 the device is linked, with 19.987 days left, all of
     them the premium month's; 0007 runs on day 21."""
-    from repositories.users import get_or_create_clerk_user, get_or_create_device_user, link_device
+    from repositories.users import get_or_create_clerk_user, get_or_create_device_user
     from tests.repositories import paid_payment
 
     await init_database()
@@ -235,7 +252,7 @@ async def test_0007_runs_a_devices_months_of_two_plans_in_the_plan_it_kept(fresh
     await days_pass_before_0007(fresh_database, 19)
     account_month = await paid_payment(account.id, "premium_month")
     await days_pass_before_0007(fresh_database, 1)
-    await link_device(account.id, "device-two-plans-before-0007")
+    await link_as_older_code(account.id, "device-two-plans-before-0007")
     await days_pass_before_0007(fresh_database, 1)
     await migrate_to_0007(fresh_database)
     pro_as_premium = 30 * 499 / 1499
@@ -255,7 +272,7 @@ async def test_0007_follows_an_older_refund_that_cut_the_plan_after_a_used_month
     the plan's end (55), though A was used. On day 50 the account buys pro
     and the device is linked, bringing 5 days: B has those 5 left, the
     account's month 29 of its 30 when 0007 runs on day 51."""
-    from repositories.users import get_or_create_clerk_user, get_or_create_device_user, link_device
+    from repositories.users import get_or_create_clerk_user, get_or_create_device_user
     from tests.repositories import paid_payment
 
     await init_database()
@@ -268,7 +285,7 @@ async def test_0007_follows_an_older_refund_that_cut_the_plan_after_a_used_month
     await refunded_by_older_code(fresh_database, month_a, 24950)
     await days_pass_before_0007(fresh_database, 5)
     account_month = await paid_payment(account.id, "pro_month")
-    await link_device(account.id, "device-refunded-before-0007")
+    await link_as_older_code(account.id, "device-refunded-before-0007")
     await days_pass_before_0007(fresh_database, 1)
     await migrate_to_0007(fresh_database)
     assert abs(await plan_days_left(account.id) - 34) < 0.001
@@ -333,7 +350,7 @@ async def test_0007_a_device_month_credited_while_its_link_waited_is_placed_afte
 
     import asyncpg
 
-    from repositories.users import get_or_create_clerk_user, get_or_create_device_user, link_device
+    from repositories.users import get_or_create_clerk_user, get_or_create_device_user
     from tests.repositories import paid_payment, until_waiting_on_a_lock
 
     await init_database()
@@ -345,7 +362,7 @@ async def test_0007_a_device_month_credited_while_its_link_waited_is_placed_afte
     try:
         async with webhook.transaction():
             await webhook.execute("select id from payments where id = $1 for update", older.id)
-            link = asyncio.ensure_future(link_device(account.id, "device-review-link-race"))
+            link = asyncio.ensure_future(link_as_older_code(account.id, "device-review-link-race"))
             await until_waiting_on_a_lock(webhook)
             month_d = await paid_payment(device.id, "pro_month")
         await link
@@ -368,7 +385,7 @@ async def test_0007_a_month_without_tokens_is_told_from_another_devices_linked_e
     day 10 (P's 20 days: 55..75); on day 12 the account buys B (75..105).
     P is device 2's (the link stamped it), not device 1's, the first linked
     after P was paid: B's full refund takes its 30 days."""
-    from repositories.users import get_or_create_clerk_user, get_or_create_device_user, link_device
+    from repositories.users import get_or_create_clerk_user, get_or_create_device_user
     from tests.repositories import paid_payment
 
     await init_database()
@@ -383,9 +400,9 @@ async def test_0007_a_month_without_tokens_is_told_from_another_devices_linked_e
     month_p = await paid_payment(second.id, "pro_only")
     month_a = await paid_payment(account.id, "pro_month")
     await days_pass_before_0007(fresh_database, 5)
-    await link_device(account.id, "device-review-first")
+    await link_as_older_code(account.id, "device-review-first")
     await days_pass_before_0007(fresh_database, 5)
-    await link_device(account.id, "device-review-second")
+    await link_as_older_code(account.id, "device-review-second")
     await days_pass_before_0007(fresh_database, 2)
     month_b = await paid_payment(account.id, "pro_month")
     await days_pass_before_0007(fresh_database, 1)
@@ -457,7 +474,7 @@ async def test_0007_gives_every_month_what_todays_code_recorded_for_it(
     code gave it. (Refunds are left out: older code took them off the plan's
     end, so the two histories part there; the tests above cover them.)"""
     from repositories.subscriptions import expire_ended
-    from repositories.users import get_or_create_clerk_user, get_or_create_device_user, link_device
+    from repositories.users import get_or_create_clerk_user, get_or_create_device_user
     from tests.repositories import paid_payment
 
     rng = random.Random(seed)
@@ -483,7 +500,7 @@ async def test_0007_gives_every_month_what_todays_code_recorded_for_it(
         elif step == "link" and devices:
             device_id = rng.choice(sorted(devices))
             device_user, account = devices.pop(device_id)
-            await link_device(account, device_id)
+            await link_as_older_code(account, device_id)
             log.append(f"{device_user} links into {account}")
         elif step == "expire":
             await expire_ended()

@@ -21,7 +21,7 @@ from database import (
     stats,
     transaction,
 )
-from repositories import payments, subscriptions, tokens, users
+from repositories import generations, payments, subscriptions, tokens, users
 from tests import db
 from tests.repositories import attached_payment, paid_payment, side_by_side, wide_pool
 
@@ -394,12 +394,40 @@ async def test_link_moves_the_balance_and_reowns_generations_and_payments(admin:
         row = await admin.fetchrow(f"select user_id, idempotency_key from {table} where id = $1", row_id)
         assert row is not None
         assert (row["user_id"], row["idempotency_key"]) == (account.id, None)
+    for table in ("generations", "payments"):
+        keys = await admin.fetch(f"select idempotency_key from {table} where user_id = $1", device.id)
+        assert keys == []
     linked = await admin.fetchrow(
         "select linked_to_user_id, linked_at, linked_tokens from users where id = $1", device.id
     )
     assert linked is not None
     assert (linked["linked_to_user_id"], linked["linked_tokens"]) == (account.id, 54)
     assert linked["linked_at"] is not None
+    assert await db.audit_problems(admin) == []
+
+
+async def test_a_request_repeated_as_the_account_after_the_link_answers_what_the_device_did(
+    admin: asyncpg.Connection,
+) -> None:
+    """The device spent and started a payment, and lost both answers; the
+    user signed in and the app linked the device, which now answers 403, so
+    the app repeats both requests, with their keys, as the account."""
+    account = await users.get_or_create_clerk_user("user_link_repeat")
+    device = await users.get_or_create_device_user("device-link-rep1", "192.0.2.1", LIMIT)
+    spent = await generations.create_generation(device.id, "a fox", "hd", "spend-key")
+    bought, _ = await payments.create_pending_payment(device.id, "tokens_50", "buy-key")
+    await users.link_device(account.id, "device-link-rep1")
+    balance = await db.balance(admin, account.id)
+
+    again = await generations.create_generation(account.id, "a fox", "hd", "spend-key")
+    bought_again, created = await payments.create_pending_payment(account.id, "tokens_50", "buy-key")
+
+    # answered as the first answer was: the device's balance right after it
+    assert (again.generation.id, again.replayed, again.balance) == (spent.generation.id, True, spent.balance)
+    assert (bought_again.id, created) == (bought.id, False)
+    assert await db.balance(admin, account.id) == balance
+    assert await admin.fetchval("select count(*) from generations") == 1
+    assert await admin.fetchval("select count(*) from payments") == 1
     assert await db.audit_problems(admin) == []
 
 
