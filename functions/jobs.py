@@ -41,12 +41,23 @@ def _minutes(name: str, default: int) -> timedelta:
 async def reap_generations() -> dict[str, Any]:
     """Leases that ran out go back to pending; past 3 attempts, or pending
     past the cut-off (GENERATION_PENDING_CUTOFF_MINUTES, default 15), a
-    generation fails and its cost is refunded once."""
-    result = await generations.reap_generations(
-        pending_cutoff=_minutes("GENERATION_PENDING_CUTOFF_MINUTES", 15)
-    )
-    metrics.emit({"GenerationsRequeued": result.returned, "GenerationsExpired": result.failed})
-    return result.model_dump()
+    generation fails and its cost is refunded once. In bounded batches
+    (GENERATION_REAP_BATCH_SIZE rows of each kind a statement, at most
+    GENERATION_REAP_MAX_BATCHES statements a run), so a backlog of any size
+    drains over runs that each finish inside the Lambda's timeout."""
+    pending_cutoff = _minutes("GENERATION_PENDING_CUTOFF_MINUTES", 15)
+    batch_size = int(os.environ.get("GENERATION_REAP_BATCH_SIZE", 1000))
+    max_batches = int(os.environ.get("GENERATION_REAP_MAX_BATCHES", 50))
+    returned = failed = batches = 0
+    more = True
+    while more and batches < max_batches:
+        result = await generations.reap_generations(pending_cutoff=pending_cutoff, batch_size=batch_size)
+        returned += result.returned
+        failed += result.failed
+        batches += 1
+        more = result.more
+    metrics.emit({"GenerationsRequeued": returned, "GenerationsExpired": failed})
+    return {"returned": returned, "failed": failed, "batches": batches}
 
 
 async def expire_subscriptions() -> dict[str, Any]:

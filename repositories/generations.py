@@ -71,6 +71,7 @@ class ClaimedGeneration(Model):
 class ReapResult(Model):
     returned: int
     failed: int
+    more: bool = False  # a batch was full: there may be more to reap
 
 
 GENERATION_FIELDS = tuple(Generation.model_fields)
@@ -443,7 +444,9 @@ REAP_GENERATIONS = """
 -- here: one wallet update per user and one ledger row per generation, whose
 -- balance_after is the running sum in insertion (id) order. Rows another run
 -- or a result holds are skipped, and every update is guarded by the state it
--- leaves, so overlapping runs refund once.
+-- leaves, so overlapping runs refund once. At most $4 rows of each kind, the
+-- oldest first: a backlog of any size is taken in statements that finish
+-- well inside the statement timeout, instead of one that never does.
 with clock as (
     select coalesce($2::timestamptz, now()) as now
 ),
@@ -452,6 +455,8 @@ lapsed as (
       from generations g, clock c
      where g.status = 'processing'
        and g.lease_expires_at <= c.now
+     order by g.lease_expires_at
+     limit $4
        for update of g skip locked
 ),
 stale as (
@@ -461,6 +466,8 @@ stale as (
      where g.status = 'pending'
        and g.created_at < c.now - $3::interval
        and g.updated_at < c.now - $3::interval
+     order by g.created_at
+     limit $4
        for update of g skip locked
 ),
 requeued as (
@@ -528,7 +535,8 @@ refund_entries as (
 )
 select (select count(*) from requeued)::integer as returned,
        (select count(*) from failed)::integer as failed,
-       array(select user_id from wallets) as refunded_users
+       array(select user_id from wallets) as refunded_users,
+       (select count(*) from lapsed) = $4 or (select count(*) from stale) = $4 as more
 """
 
 
@@ -536,15 +544,19 @@ async def reap_generations(
     max_attempts: int = 3,
     pending_cutoff: timedelta = timedelta(minutes=15),
     now: datetime | None = None,
+    batch_size: int = 1000,
     db: Executor = sql,
 ) -> ReapResult:
     """Return lapsed leases to the queue (up to `max_attempts`), and fail with
     a refund those out of attempts and those pending longer than
-    `pending_cutoff`. `now` defaults to the database's clock."""
+    `pending_cutoff`, at most `batch_size` of each, oldest first (`more`
+    when a batch was full: call again). `now` defaults to the database's clock."""
     if max_attempts < 1:
         raise InvalidRequest("max_attempts must be at least 1")
-    row = await db.fetchrow(REAP_GENERATIONS, max_attempts, now, pending_cutoff)
+    if batch_size < 1:
+        raise InvalidRequest("batch_size must be at least 1")
+    row = await db.fetchrow(REAP_GENERATIONS, max_attempts, now, pending_cutoff, batch_size)
     assert row is not None  # the final select always yields its one row
     for user_id in row["refunded_users"]:
         invalidate_balance(user_id)
-    return ReapResult(returned=row["returned"], failed=row["failed"])
+    return ReapResult(returned=row["returned"], failed=row["failed"], more=row["more"])

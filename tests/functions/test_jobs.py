@@ -75,6 +75,48 @@ async def test_reap_job_returns_and_expires_generations(admin: asyncpg.Connectio
     assert await db.audit_problems(admin) == []
 
 
+async def test_reap_job_drains_a_backlog_in_bounded_batches_across_runs(
+    admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A backlog larger than a run takes is refunded over the next runs, each
+    run a bounded number of bounded statements, two runs at once included."""
+    monkeypatch.setenv("GENERATION_REAP_BATCH_SIZE", "4")
+    monkeypatch.setenv("GENERATION_REAP_MAX_BATCHES", "2")
+    users = [await db.insert_user(admin, clerk_id=f"user_backlog_{n}") for n in range(3)]
+    for user_id in users:
+        await admin.execute(
+            """
+            with g as (
+                insert into generations (user_id, prompt, quality, cost, created_at, updated_at)
+                select $1, 'never taken', 'standard', 1, now() - interval '1 hour' + n * interval '1 second',
+                       now() - interval '1 hour'
+                  from generate_series(1, 5) n
+             returning id, created_at),
+            spent as (
+                update user_tokens set balance = balance - 5, total_spent = total_spent + 5
+                 where user_id = $1 returning balance)
+            insert into token_transactions (user_id, amount, balance_after, type, idempotency_key)
+            select $1, -1, spent.balance + 5 - row_number() over (order by g.created_at),
+                   'spend', 'generation:' || g.id
+              from g, spent
+            """,
+            user_id,
+        )
+    assert await db.audit_problems(admin) == []
+
+    first = await jobs.reap_generations()
+    assert first == {"returned": 0, "failed": 8, "batches": 2}
+    together = await asyncio.gather(jobs.reap_generations(), jobs.reap_generations())
+    assert all(run["batches"] <= 2 for run in together)
+    assert sum(run["failed"] for run in together) == 7
+    assert await jobs.reap_generations() == {"returned": 0, "failed": 0, "batches": 1}
+
+    assert await admin.fetchval("select count(*) from generations where status = 'failed'") == 15
+    assert await admin.fetchval("select count(*) from token_transactions where type = 'refund'") == 15
+    assert [await db.balance(admin, user_id) for user_id in users] == [10, 10, 10]
+    assert await db.audit_problems(admin) == []
+
+
 async def test_expire_job_ends_only_ended_periods(admin: asyncpg.Connection) -> None:
     ended = await db.insert_user(admin, clerk_id="user_ended")
     running = await db.insert_user(admin, clerk_id="user_running")

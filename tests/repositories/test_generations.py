@@ -682,6 +682,43 @@ async def test_pending_past_the_cutoff_fails_and_refunds(admin: asyncpg.Connecti
     assert await db.audit_problems(admin) == []
 
 
+async def test_a_backlog_is_reaped_in_bounded_batches_oldest_first(admin: asyncpg.Connection) -> None:
+    """However large the backlog, one statement takes at most a batch of each
+    kind, so it finishes inside the statement timeout; `more` says to go on."""
+    ids = await queue(admin, users=3, each=4)
+    clock = await admin.fetchval("select now() + interval '1 hour'")
+
+    results = [await generations.reap_generations(now=clock, batch_size=5) for _ in range(4)]
+
+    assert [(r.failed, r.more) for r in results] == [(5, True), (5, True), (2, False), (0, False)]
+    failed_in_order = [
+        row["reference"]
+        for row in await admin.fetch(
+            "select reference from token_transactions where type = 'refund' order by id"
+        )
+    ]
+    assert sorted(failed_in_order[:5]) == sorted(str(i) for i in ids[:5])  # the oldest first
+    assert sorted(failed_in_order) == sorted(str(i) for i in ids)  # each refunded once
+    assert await admin.fetchval("select min(balance) = 5 and max(balance) = 5 from user_tokens")
+    assert await db.audit_problems(admin) == []
+
+
+async def test_lapsed_leases_are_taken_in_bounded_batches(admin: asyncpg.Connection) -> None:
+    await queue(admin, users=1, each=5)
+    await generations.claim_generations(limit=5, lease_seconds=60, claim_id=uuid.uuid4())
+    clock = await after_leases(admin)
+
+    results = [await generations.reap_generations(now=clock, batch_size=2) for _ in range(4)]
+
+    assert [(r.returned, r.more) for r in results] == [(2, True), (2, True), (1, False), (0, False)]
+    assert await admin.fetchval("select count(*) from generations where status = 'pending'") == 5
+
+
+async def test_reap_refuses_an_empty_batch() -> None:
+    with pytest.raises(InvalidRequest):
+        await generations.reap_generations(batch_size=0)
+
+
 async def test_a_requeued_generation_waits_the_cutoff_from_its_return(admin: asyncpg.Connection) -> None:
     """A generation returned to the queue after a lapsed lease is not failed at
     once for having been created long ago: the cut-off counts from its return."""
