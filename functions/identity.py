@@ -120,7 +120,7 @@ def verify_session_token(token: str) -> dict[str, Any]:
         raise Unauthorized("Invalid or expired session token") from exc
     parties = settings.clerk_authorized_parties()
     azp = claims.get("azp")
-    if parties and azp is not None and azp not in parties:
+    if parties and azp is not None and (not isinstance(azp, str) or azp not in parties):
         raise Unauthorized("Session token was issued to another origin")
     subject = claims.get("sub")
     if not isinstance(subject, str) or not 0 < len(subject) <= MAX_SUBJECT_LENGTH:

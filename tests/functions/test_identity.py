@@ -178,6 +178,10 @@ def test_authorized_parties_are_checked_when_configured(
         identity.verify_session_token(sign(clerk, azp="https://evil.example"))
     # a native app's token has no azp: Clerk's own verification lets it pass
     assert identity.verify_session_token(sign(clerk, azp=None))
+    # an azp that is not a string names no party: refused, not a 500
+    for odd in (["http://localhost:3000"], {"origin": "http://localhost:3000"}, 3000):
+        with pytest.raises(Unauthorized):
+            identity.verify_session_token(sign(clerk, azp=odd))
 
 
 def test_alg_none_is_refused(clerk: rsa.RSAPrivateKey) -> None:
