@@ -60,7 +60,7 @@ def test_operator_walkthrough_on_the_embedded_database(data_dir: Path) -> None:
 
     job = dreamlens(data_dir, "reap-generations")
     assert job.returncode == 0
-    assert job.stdout.strip() == "reap-generations: returned 0, failed 0"
+    assert job.stdout.strip() == "reap-generations: returned 0, failed 0, batches 1"
 
 
 def test_unknown_command_is_refused(data_dir: Path) -> None:
