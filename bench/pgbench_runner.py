@@ -57,9 +57,9 @@ spent as (
        set balance = t.balance - :cost::integer,
            total_spent = t.total_spent + :cost::integer,
            -- the day in UTC, as the app counts it, whatever the server's TimeZone
-           generations_today = case when t.generations_day = (now() at time zone 'utc')::date
+           generations_today = case when t.generations_day >= (now() at time zone 'utc')::date
                                     then t.generations_today + 1 else 1 end,
-           generations_day = (now() at time zone 'utc')::date,
+           generations_day = greatest(t.generations_day, (now() at time zone 'utc')::date),
            updated_at = now()
       from chosen
      where t.user_id = chosen.user_id

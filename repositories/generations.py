@@ -125,7 +125,11 @@ daily_limit as (
 wallet as (
     select t.user_id,
            t.balance,
-           case when t.generations_day = (now() at time zone 'utc')::date
+           -- a spend whose transaction began before UTC midnight but took
+           -- the lock after one made after it counts on that later day, so
+           -- it never resets the new day's count to its own
+           greatest(t.generations_day, (now() at time zone 'utc')::date) as day,
+           case when t.generations_day >= (now() at time zone 'utc')::date
                 then t.generations_today else 0 end as used_today
       from user_tokens t
      where t.user_id = $1
@@ -143,7 +147,7 @@ spent as (
        set balance           = w.balance - p.cost,
            total_spent       = t.total_spent + p.cost,
            generations_today = w.used_today + 1,
-           generations_day   = (now() at time zone 'utc')::date,
+           generations_day   = w.day,
            updated_at        = now()
       from wallet w, price p, daily_limit l
      where t.user_id = w.user_id

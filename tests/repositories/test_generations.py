@@ -161,6 +161,36 @@ async def test_daily_count_starts_again_on_a_new_utc_day(admin: asyncpg.Connecti
     assert await db.audit_problems(admin) == []
 
 
+async def test_a_spend_begun_before_midnight_counts_on_the_day_already_recorded(
+    admin: asyncpg.Connection,
+) -> None:
+    """A spend whose transaction began just before UTC midnight and waited on
+    the wallet while a spend made after midnight committed finds the row
+    dated a day later than its own now(). It used to reset the new day's
+    count to its own day, giving the user one more generation on the new day;
+    it now counts on the later day. The row is set as the waiting spend finds
+    it, since the clock cannot be moved across midnight here."""
+    user_id = await db.insert_user(admin, clerk_id="user_midnight")
+    await set_free_limit(admin, 2)
+    await admin.execute(
+        "update user_tokens set generations_today = 1,"
+        " generations_day = (now() at time zone 'utc')::date + 1 where user_id = $1",
+        user_id,
+    )
+    tomorrow = await admin.fetchval("select (now() at time zone 'utc')::date + 1")
+
+    await create(user_id)
+    tokens = await wallet(admin, user_id)
+    assert (tokens["generations_today"], tokens["generations_day"]) == (2, tomorrow)
+
+    before_counts, before_wallet = await table_counts(admin), await wallet(admin, user_id)
+    with pytest.raises(RateLimited):
+        await create(user_id)
+    assert await table_counts(admin) == before_counts
+    assert await wallet(admin, user_id) == before_wallet
+    assert await db.audit_problems(admin) == []
+
+
 async def test_unknown_quality_is_invalid_and_writes_nothing(admin: asyncpg.Connection) -> None:
     user_id = await db.insert_user(admin, clerk_id="user_quality")
     before_counts, before_wallet = await table_counts(admin), await wallet(admin, user_id)
