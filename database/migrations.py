@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from database import config, pool
+from database import budget, config, pool
 from database.errors import SchemaTooNew
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,18 @@ def known_migrations() -> list[Migration]:
 
 
 async def init_database() -> list[str]:
-    """Apply schema.sql and newer migrations; return the names applied."""
+    """Apply schema.sql and newer migrations; return the names applied.
+
+    Within the request's time budget, when there is one (database/budget.py):
+    many Lambdas cold starting on an empty database wait here for the one
+    applying the schema, and each must still answer 503 before it is stopped.
+    A wait cut short rolls back nothing of anyone's (this one applied
+    nothing before it had the lock)."""
+    async with asyncio.timeout(budget.bounded(None)):
+        return await _apply_migrations()
+
+
+async def _apply_migrations() -> list[str]:
     migrations = known_migrations()
     connection = await pool.connect_direct()
     try:
@@ -99,8 +110,12 @@ async def init_database() -> list[str]:
                     await connection.execute(migration.text())
                     await connection.execute(RECORD_MIGRATION, migration.version, migration.name)
                     applied.append(migration.name)
-    finally:
-        await connection.close()
+    except BaseException:
+        # cut short (a timeout, a cancelled task) or failed: don't wait on a
+        # polite close, the server rolls back and frees the lock either way
+        connection.terminate()
+        raise
+    await connection.close()
     if applied:
         log.info("schema initialized: applied %s", ", ".join(applied))
     return applied
@@ -142,7 +157,8 @@ async def ensure_initialized() -> None:
     if _init_lock is None or _init_loop is not loop:
         _init_lock, _init_loop = asyncio.Lock(), loop
     url = config.settings().non_pooling_url
-    async with _init_lock:
+    # the wait for another caller's init counts against this one's budget too
+    async with asyncio.timeout(budget.bounded(None)), _init_lock:
         if _initialized_url == url:
             return
         await init_database()

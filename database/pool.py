@@ -82,7 +82,13 @@ class OneConnection:
         return self._closing
 
     def get_idle_size(self) -> int:
-        return 0 if self._turn.locked() or self._connection is None else 1
+        # a closed connection is not idle: taking it means connecting anew,
+        # which the caller must bound by the request's time (asyncpg's pool
+        # counts the same way)
+        connection = self._connection
+        if self._turn.locked() or connection is None or connection.is_closed():
+            return 0
+        return 1
 
     def acquire(self, *, timeout: float | None = None) -> _Turn:
         return _Turn(self, timeout)

@@ -19,6 +19,7 @@ import pytest
 
 from database import DatabaseUnavailable, Transaction, config, pool, sql, stats, time_budget
 from database.executor import run_in_transaction
+from database.migrations import SCHEMA_LOCK_KEY
 from functions import app, identity, tokens
 from repositories import generations
 from tests import db
@@ -184,3 +185,115 @@ async def test_a_spend_given_up_while_waiting_for_a_lock_never_commits_afterward
     assert await admin.fetchval("select count(*) from generations") == 0
     assert await db.balance(admin, user_id) == 5
     assert await db.audit_problems(admin) == []
+
+
+# ---------------------------------------------- a warm connection that dropped
+
+
+async def test_reconnect_after_a_dropped_connection_is_bounded_by_the_budget(
+    admin: asyncpg.Connection, direct_url: str
+) -> None:
+    """The Lambda pool (OneConnection, DB_POOL_MAX_SIZE=1) lost its connection
+    (backend terminated: a restart, a failover, an idle timeout), and the
+    database's address now accepts but never answers (failover in progress).
+    The next statement reconnects with the full DB_CONNECT_TIMEOUT (5 s),
+    not the request's budget: OneConnection.get_idle_size() reported the
+    closed connection as idle, so _Pooled passed no timeout to acquire()."""
+    async with faulty_proxy(direct_url, close_delay=0.0) as proxy:
+        await pool.close_pool()
+        config.configure(url=proxy.url, non_pooling_url=proxy.url, pool_min_size=1, pool_max_size=1)
+        try:
+            pid = await sql.fetchval("select pg_backend_pid()")
+            assert await admin.fetchval("select pg_terminate_backend($1)", pid)
+            await proxy.server_closed.wait()
+            one = pool._pool
+            assert isinstance(one, pool.OneConnection)
+            async with asyncio.timeout(5):
+                while one._connection is not None and not one._connection.is_closed():
+                    await asyncio.sleep(0.01)
+            proxy.freeze()  # new connections accepted, never greeted
+
+            started = time.perf_counter()
+            with pytest.raises(DatabaseUnavailable), time_budget(1.0):
+                await sql.fetchval("select 1")
+            seconds = time.perf_counter() - started
+            assert seconds < 2.0, f"a 1 s budget took {seconds:.1f} s (the 5 s connect timeout)"
+        finally:
+            proxy.thaw()
+            await pool.close_pool()
+
+
+async def test_a_warm_lambda_whose_connection_dropped_answers_503_before_it_is_stopped(
+    lambda_runtime: LambdaRuntime, admin: asyncpg.Connection, direct_url: str
+) -> None:
+    """The same through the handler: a warm Lambda (one connection), the
+    database restarted/failed over and not answering yet; with 4 s left the
+    request must be a 503, not a Lambda stopped at its timeout."""
+    async with faulty_proxy(direct_url, close_delay=0.0) as proxy:
+        await pool.close_pool()
+        config.configure(url=proxy.url, non_pooling_url=proxy.url, pool_min_size=1, pool_max_size=1)
+        warm, _ = await balance_of("device-dropped-then-silent")
+        assert warm.status == 200
+        identity.forget_all()  # the next request must reach the database
+        await admin.execute(
+            "select pg_terminate_backend(pid) from pg_stat_activity where application_name = 'dreamlens'"
+        )
+        await proxy.server_closed.wait()
+        proxy.freeze()
+
+        answer, seconds = await balance_of("device-dropped-then-silent", ShortOfTime())
+        proxy.thaw()
+        await lambda_runtime.close_pool()
+        assert (answer.status, answer.body.get("error")) == (503, "unavailable")
+        assert seconds < REMAINING_MS / 1000, f"answered after {seconds:.1f} s of the 4 s left"
+
+
+# ---------------------------------------------- a schema another Lambda applies
+
+
+@pytest.fixture
+async def schema_being_applied(fresh_database: str) -> AsyncIterator[asyncpg.Connection]:
+    """An empty database whose schema another Lambda is applying right now:
+    it holds the schema advisory lock in its open transaction."""
+    other = await asyncpg.connect(fresh_database)
+    transaction = other.transaction()
+    await transaction.start()
+    await other.execute("select pg_advisory_xact_lock($1)", SCHEMA_LOCK_KEY)
+    try:
+        yield other
+    finally:
+        await transaction.rollback()
+        await other.close()
+
+
+async def test_lazy_init_inside_a_request_is_bounded_by_the_budget(
+    schema_being_applied: asyncpg.Connection,
+) -> None:
+    """Many Lambdas cold start on an empty database; one applies the schema.
+    The others' first statement fails with "relation does not exist" and
+    sql() runs ensure_initialized() -> init_database(), whose direct
+    connection and pg_advisory_xact_lock wait knew nothing of the request's
+    budget: it waited the statement timeout (10 s), past any Lambda's time."""
+    started = time.perf_counter()
+    with pytest.raises(DatabaseUnavailable), time_budget(1.0):
+        await sql.fetchval("select count(*) from plans")
+    seconds = time.perf_counter() - started
+    assert seconds < 2.0, f"a 1 s budget took {seconds:.1f} s"
+
+
+async def test_init_db_inside_a_lambda_answers_503_before_it_is_stopped(
+    lambda_runtime: LambdaRuntime, schema_being_applied: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for POST /api/init-db: run_with_retries(init_database) with
+    4 s left waited on the schema lock with no bound but the configured
+    timeouts."""
+    from functions import init_db, settings
+
+    monkeypatch.setenv("DB_INIT_SECRET", "s3cret-for-init")
+    settings.reset()
+    event = EVENT_BUILDERS["v2"]("POST", "/api/init-db", headers={"X-Init-Secret": "s3cret-for-init"})
+    started = time.perf_counter()
+    answer = await invoke(init_db.handler, event, ShortOfTime())
+    seconds = time.perf_counter() - started
+    assert (answer.status, answer.body.get("error")) == (503, "unavailable")
+    assert seconds < REMAINING_MS / 1000, f"answered after {seconds:.1f} s of the 4 s left"
