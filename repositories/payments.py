@@ -531,6 +531,11 @@ async def apply_provider_status(
     if (payment.status, status) in FORWARD:
         # we lost a race: the row we read predates the winner's commit
         payment = await get_payment_by_provider_id(provider_payment_id, db) or payment
+    if payment.status == "succeeded":
+        # the credit may be this very call's, its commit acknowledged on a
+        # connection that dropped and the retry finding it made: the payer's
+        # cached balance is dropped as for a credit (a dict pop)
+        invalidate_balance(payment.user_id)
     return ApplyResult(payment=payment, changed=False, credited_tokens=0)
 
 
