@@ -40,20 +40,25 @@ MAX_BIGINT = 2**63 - 1
 IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,200}")
 
 
-def _nul_at(value: Any, where: list[Any]) -> list[Any] | None:
-    """Where in a JSON document the first string holding NUL is, or None."""
-    if isinstance(value, str):
-        return where if "\x00" in value else None
-    if isinstance(value, list):
-        for index, item in enumerate(value):
-            found = _nul_at(item, [*where, index])
-            if found is not None:
-                return found
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found = _nul_at(key, [*where, key]) or _nul_at(item, [*where, key])
-            if found is not None:
-                return found
+def _nul_at(document: Any) -> list[Any] | None:
+    """Where in a JSON document the first string holding NUL is, or None.
+
+    A loop over its own stack, not a recursion: a body nested deeper than
+    the interpreter's frames allow parses on Python 3.12 (whose parser no
+    longer shares the recursion limit) and must still be walked."""
+    pending: list[tuple[Any, list[Any]]] = [(document, [])]
+    while pending:
+        value, where = pending.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                return where
+        elif isinstance(value, list):
+            pending.extend((item, [*where, index]) for index, item in reversed(list(enumerate(value))))
+        elif isinstance(value, dict):
+            for key, item in reversed(list(value.items())):
+                # the key before its value, as they are read
+                pending.append((item, [*where, key]))
+                pending.append((key, [*where, key]))
     return None
 
 
@@ -63,7 +68,7 @@ def refuse_nul(raw: bytes, document: dict[str, Any]) -> None:
     so a body without that escape, nearly every body, is not walked at all."""
     if b"\\u0000" not in raw:
         return
-    where = _nul_at(document, [])
+    where = _nul_at(document)
     if where is not None:
         message = "must not contain NUL characters"
         raise InvalidRequest(
