@@ -2,7 +2,7 @@
 
     routes = [Route("/api/tokens", get_tokens)]
     app = build_app(routes)
-    handler = Mangum(app, lifespan="off")
+    handler = LambdaEntry(app)   # Mangum, answering for events it cannot read
 
 It adds, outermost first:
 

@@ -28,13 +28,12 @@ from datetime import datetime
 from typing import Any, Literal
 from uuid import UUID
 
-from mangum import Mangum
 from pydantic import Field, field_validator
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from database import ConfigurationError, Conflict, InsufficientTokens, RateLimited
+from database import ConfigurationError, Conflict, InsufficientTokens, NotFound, RateLimited
 from database.model import Model
 from functions import metrics, settings
 from functions.app import build_app
@@ -46,7 +45,8 @@ from functions.http import (
     page_params,
     read_json,
 )
-from functions.identity import current_user, source_ip
+from functions.identity import current_user, known_user, source_ip
+from functions.lambda_entry import LambdaEntry
 from functions.openapi import endpoint
 from functions.views import Generation, generation_view
 from repositories import generations, usage
@@ -148,9 +148,17 @@ async def list_generations(request: Request) -> Response:
 async def get_generation(request: Request) -> Response:
     """One of the caller's generations; another user's, or a malformed id, is 404."""
     no_query_params(request)
-    user = await current_user(request)
-    generation = await generations.get_generation(user.id, request.path_params["id"])
+    generation = await callers_generation(request)
     return json_response(generation_view(generation))
+
+
+async def callers_generation(request: Request) -> generations.Generation:
+    """The generation of the path, the caller's or NotFound. A caller never
+    seen has none, and is not created (nor given a welcome bonus) for a 404."""
+    user = await known_user(request)
+    if user is None:
+        raise NotFound("Generation not found")
+    return await generations.get_generation(user.id, request.path_params["id"])
 
 
 # ------------------------------------------------------------------ download
@@ -204,8 +212,7 @@ async def download_generation(request: Request) -> Response:
     # our own key when the client sends none: sql() retrying the log after a
     # lost commit must not count the download twice
     key = idempotency_key(request) or f"auto:{uuid.uuid4()}"
-    user = await current_user(request)
-    generation = await generations.get_generation(user.id, request.path_params["id"])
+    generation = await callers_generation(request)
     if generation.status != "succeeded" or generation.image_key is None:
         raise Conflict(f"The generation is {generation.status}: only a succeeded image can be downloaded")
     bucket = settings.images_bucket()
@@ -214,7 +221,8 @@ async def download_generation(request: Request) -> Response:
     # signing is local, but the first call builds the client and may fetch
     # credentials: off the event loop
     url = await asyncio.to_thread(presigned_get_url, bucket, generation.image_key, DOWNLOAD_URL_SECONDS)
-    await usage.log_usage(user.id, "download", source_ip(request), reference=str(generation.id), key=key)
+    reference = str(generation.id)
+    await usage.log_usage(generation.user_id, "download", source_ip(request), reference=reference, key=key)
     return json_response(Download(url=url, expires_in=DOWNLOAD_URL_SECONDS))
 
 
@@ -225,4 +233,4 @@ routes = [
     Route("/api/generations/{id:uuid}/download", download_generation, methods=["POST"]),
 ]
 app = build_app(routes)
-handler = Mangum(app, lifespan="off")
+handler = LambdaEntry(app)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 from typing import Literal
 
-from mangum import Mangum
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -22,6 +21,7 @@ from database.model import Model
 from functions.app import build_app
 from functions.errors import error_response
 from functions.http import json_response
+from functions.lambda_entry import LambdaEntry
 from functions.openapi import endpoint
 
 log = logging.getLogger("dreamlens.health")
@@ -54,4 +54,4 @@ async def health(request: Request) -> Response:
 
 routes = [Route("/api/health", health, methods=["GET"])]
 app = build_app(routes)
-handler = Mangum(app, lifespan="off")
+handler = LambdaEntry(app)

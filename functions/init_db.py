@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hmac
 
-from mangum import Mangum
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -20,6 +19,7 @@ from database.model import Model
 from functions import settings
 from functions.app import build_app
 from functions.http import json_response
+from functions.lambda_entry import LambdaEntry
 from functions.openapi import endpoint
 
 
@@ -52,4 +52,4 @@ async def init_db(request: Request) -> Response:
 
 routes = [Route("/api/init-db", init_db, methods=["POST"])]
 app = build_app(routes)
-handler = Mangum(app, lifespan="off")
+handler = LambdaEntry(app)

@@ -33,17 +33,17 @@ from datetime import datetime
 from typing import Literal
 from uuid import UUID, uuid4
 
-from mangum import Mangum
 from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from database import Conflict, InvalidRequest, ProviderUnavailable
+from database import Conflict, InvalidRequest, NotFound, ProviderUnavailable
 from database.model import Model
 from functions.app import build_app
 from functions.http import RequestModel, idempotency_key, json_response, no_query_params, read_json
 from functions.identity import current_user, known_user
+from functions.lambda_entry import LambdaEntry
 from functions.openapi import endpoint
 from repositories import packages, payments
 from repositories.payments import Payment
@@ -212,8 +212,12 @@ async def create_payment(request: Request) -> Response:
 async def get_payment(request: Request) -> Response:
     """One of the caller's payments; another user's answers 404."""
     no_query_params(request)
-    user = await current_user(request)
     payment_id: UUID = request.path_params["id"]
+    # a caller never seen has no payment: not created (nor given a welcome
+    # bonus) for a 404
+    user = await known_user(request)
+    if user is None:
+        raise NotFound(f"No payment {payment_id}")
     return json_response(_view(await payments.get_payment(user.id, payment_id)))
 
 
@@ -223,4 +227,4 @@ routes = [
     Route("/api/payments/{id:uuid}", get_payment, methods=["GET"]),
 ]
 app = build_app(routes)
-handler = Mangum(app, lifespan="off")
+handler = LambdaEntry(app)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from mangum import Mangum
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -18,6 +17,7 @@ from database.model import Model
 from functions.app import build_app
 from functions.http import json_response, no_query_params
 from functions.identity import current_user
+from functions.lambda_entry import LambdaEntry
 from functions.openapi import endpoint
 from repositories import subscriptions
 
@@ -41,4 +41,4 @@ async def get_subscription(request: Request) -> Response:
 
 routes = [Route("/api/subscription", get_subscription, methods=["GET"])]
 app = build_app(routes)
-handler = Mangum(app, lifespan="off")
+handler = LambdaEntry(app)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from mangum import Mangum
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -20,6 +19,7 @@ from database.model import Model
 from functions.app import build_app
 from functions.http import json_response, no_query_params, page_params
 from functions.identity import current_user
+from functions.lambda_entry import LambdaEntry
 from functions.openapi import endpoint
 from repositories import tokens
 
@@ -73,4 +73,4 @@ routes = [
     Route("/api/tokens/transactions", list_transactions, methods=["GET"]),
 ]
 app = build_app(routes)
-handler = Mangum(app, lifespan="off")
+handler = LambdaEntry(app)

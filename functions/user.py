@@ -19,7 +19,6 @@ from __future__ import annotations
 from datetime import datetime
 from uuid import UUID
 
-from mangum import Mangum
 from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
@@ -29,6 +28,7 @@ from database.model import Model
 from functions.app import build_app
 from functions.http import RequestModel, json_response, no_query_params, read_json
 from functions.identity import DEVICE_ID, current_user, forget_identity, require_clerk_user
+from functions.lambda_entry import LambdaEntry
 from functions.openapi import endpoint
 from repositories import users
 from repositories.users import BalanceAndPlan, User
@@ -101,4 +101,4 @@ routes = [
     Route("/api/user/link-device", link_device, methods=["POST"]),
 ]
 app = build_app(routes)
-handler = Mangum(app, lifespan="off")
+handler = LambdaEntry(app)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-from mangum import Mangum
 from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
@@ -41,6 +40,7 @@ from functions.app import build_app
 from functions.errors import MalformedRequest
 from functions.http import json_response
 from functions.identity import source_ip
+from functions.lambda_entry import LambdaEntry
 from functions.openapi import endpoint
 from functions.yookassa import (
     Notification,
@@ -147,4 +147,4 @@ async def payment_webhook(request: Request) -> Response:
 
 routes = [Route("/api/payments/webhook", payment_webhook, methods=["POST"])]
 app = build_app(routes)
-handler = Mangum(app, lifespan="off")
+handler = LambdaEntry(app)

@@ -26,7 +26,6 @@ from datetime import datetime
 from typing import Literal, Self
 from uuid import UUID
 
-from mangum import Mangum
 from pydantic import Field, model_validator
 from starlette.requests import Request
 from starlette.responses import Response
@@ -37,6 +36,7 @@ from database.model import Model
 from functions import settings
 from functions.app import build_app
 from functions.http import RequestModel, idempotency_key, json_response, no_query_params, read_json
+from functions.lambda_entry import LambdaEntry
 from functions.openapi import endpoint
 from functions.views import Generation, generation_view
 from repositories import generations
@@ -137,4 +137,4 @@ routes = [
     Route("/api/generations/{id:uuid}/result", record_result, methods=["POST"]),
 ]
 app = build_app(routes)
-handler = Mangum(app, lifespan="off")
+handler = LambdaEntry(app)
