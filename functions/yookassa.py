@@ -514,7 +514,9 @@ class YooKassaClient:
                 response = await self._client().request(
                     method, path, json=body, headers=headers, params=params
                 )
-            except httpx.TransportError as exc:
+            except (httpx.TransportError, httpx.DecodingError) as exc:
+                # DecodingError: the answer arrived but not whole (a body
+                # marked gzip that is not), as unusable as no answer
                 cause = exc
                 failure = ProviderUnavailable(f"YooKassa unreachable: {type(exc).__name__}")
             else:

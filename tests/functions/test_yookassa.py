@@ -460,6 +460,37 @@ async def test_nobody_listening_is_unavailable(sleeps: Sleeps) -> None:
     assert len(sleeps) == 2
 
 
+async def test_a_body_that_cannot_be_decoded_is_unavailable(sleeps: Sleeps) -> None:
+    """A reply marked gzip whose body is not (a proxy's fault, a cut
+    connection): httpx raises DecodingError, which is not a TransportError.
+    It escaped as a 500, and in the reconciler it ended the run before the
+    payment was marked asked, so every later run stopped at the same one."""
+    broken = b"not gzip at all"
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (await reader.readline()) not in (b"\r\n", b""):
+            pass
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+            b"Content-Length: " + str(len(broken)).encode() + b"\r\nConnection: close\r\n\r\n" + broken
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    configured = YooKassaSettings("100500", "test_secret", f"http://127.0.0.1:{port}/v3", RETURN_URL)
+    client = YooKassaClient(configured, sleep=sleeps)
+    try:
+        with pytest.raises(ProviderUnavailable):
+            await client.get_payment("22d6d597-000f-5000-9000-145f6df21d6f")
+    finally:
+        await client.aclose()
+        server.close()
+        await server.wait_closed()
+    assert len(sleeps) == 2  # a GET is repeated, as for any answer that did not arrive whole
+
+
 async def test_the_deadline_bounds_the_retries(fake: FakeYooKassa, sleeps: Sleeps) -> None:
     ticks = iter([0.0, 1.0, 19.9])
     client = client_for(fake, sleeps, clock=lambda: next(ticks))
