@@ -9,7 +9,6 @@ guarded by the state they change and keyed where they move tokens.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
@@ -17,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from database import DreamLensError
-from functions import metrics, runtime
+from functions import metrics, runtime, settings
 from repositories import audit, generations, payments, subscriptions, usage
 
 if TYPE_CHECKING:
@@ -35,7 +34,7 @@ RECONCILE_MAX_CHECKS = 1000
 
 
 def _minutes(name: str, default: int) -> timedelta:
-    return timedelta(minutes=int(os.environ.get(name, default)))
+    return timedelta(minutes=settings.integer(name, default, minimum=1))
 
 
 async def reap_generations() -> dict[str, Any]:
@@ -46,8 +45,8 @@ async def reap_generations() -> dict[str, Any]:
     GENERATION_REAP_MAX_BATCHES statements a run), so a backlog of any size
     drains over runs that each finish inside the Lambda's timeout."""
     pending_cutoff = _minutes("GENERATION_PENDING_CUTOFF_MINUTES", 15)
-    batch_size = int(os.environ.get("GENERATION_REAP_BATCH_SIZE", 1000))
-    max_batches = int(os.environ.get("GENERATION_REAP_MAX_BATCHES", 50))
+    batch_size = settings.integer("GENERATION_REAP_BATCH_SIZE", 1000, minimum=1)
+    max_batches = settings.integer("GENERATION_REAP_MAX_BATCHES", 50, minimum=1)
     returned = failed = batches = 0
     more = True
     while more and batches < max_batches:
@@ -70,9 +69,10 @@ async def prune_usage(now: datetime | None = None) -> dict[str, Any]:
     """Delete usage_logs older than USAGE_RETENTION_DAYS (default 30), one
     bounded batch per statement, stopping after a bounded number of batches
     so a run never outlives its Lambda timeout (the next run goes on)."""
-    retention = timedelta(days=int(os.environ.get("USAGE_RETENTION_DAYS", 30)))
-    batch_size = int(os.environ.get("USAGE_PRUNE_BATCH_SIZE", 5000))
-    max_batches = int(os.environ.get("USAGE_PRUNE_MAX_BATCHES", 50))
+    # at least a day: the signup limit counts the last hour's signup rows
+    retention = timedelta(days=settings.integer("USAGE_RETENTION_DAYS", 30, minimum=1))
+    batch_size = settings.integer("USAGE_PRUNE_BATCH_SIZE", 5000, minimum=1)
+    max_batches = settings.integer("USAGE_PRUNE_MAX_BATCHES", 50, minimum=1)
     cut_off = (now or datetime.now(UTC)) - retention
     deleted = batches = 0
     while batches < max_batches:
@@ -226,8 +226,6 @@ JOBS: dict[str, Job] = {
 
 def _handler(job: Job) -> Callable[[Any, Any], dict[str, Any]]:
     def handle(event: Any, context: Any) -> dict[str, Any]:
-        from functions import settings
-
         settings.load_database_secrets()
         if job is reconcile_payments and context is not None:
             # one provider call may take its full retry budget: start none that could

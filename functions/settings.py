@@ -160,7 +160,9 @@ def load_database_secrets() -> None:
 # ------------------------------------------------------------------- parsing
 
 
-def _integer(name: str, default: int, minimum: int) -> int:
+def integer(name: str, default: int, minimum: int) -> int:
+    """The named whole-number setting, or a ConfigurationError that says
+    what is wrong with it (never a bare ValueError from deep inside a job)."""
     raw = value(name)
     if raw is None:
         return default
@@ -238,7 +240,7 @@ def db_init_secret() -> str | None:
 
 @_per_cold_start
 def anon_signups_per_ip_per_hour() -> int:
-    return _integer("ANON_SIGNUPS_PER_IP_PER_HOUR", DEFAULT_ANON_SIGNUPS_PER_IP_PER_HOUR, minimum=0)
+    return integer("ANON_SIGNUPS_PER_IP_PER_HOUR", DEFAULT_ANON_SIGNUPS_PER_IP_PER_HOUR, minimum=0)
 
 
 @_per_cold_start
@@ -248,7 +250,7 @@ def images_bucket() -> str | None:
 
 @_per_cold_start
 def max_body_bytes() -> int:
-    return _integer("MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, minimum=1)
+    return integer("MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, minimum=1)
 
 
 def reset() -> None:

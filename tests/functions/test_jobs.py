@@ -8,7 +8,7 @@ from datetime import timedelta
 import asyncpg
 import pytest
 
-from database import pool
+from database import ConfigurationError, pool
 from functions import jobs
 from tests import db
 
@@ -39,6 +39,43 @@ async def test_prune_removes_only_old_rows_in_bounded_batches(
         await admin.fetchval("select count(*) from usage_logs where created_at < now() - interval '30 days'")
         == 0
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("USAGE_RETENTION_DAYS", "0"),  # would delete the signup rows the hourly limit counts
+        ("USAGE_RETENTION_DAYS", "thirty"),
+        ("USAGE_PRUNE_BATCH_SIZE", "0"),
+        ("USAGE_PRUNE_MAX_BATCHES", "-1"),
+    ],
+)
+async def test_prune_refuses_a_setting_out_of_range_and_deletes_nothing(
+    admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch, name: str, raw: str
+) -> None:
+    monkeypatch.setenv(name, raw)
+    await insert_usage(admin, 3, timedelta(minutes=10))
+    await insert_usage(admin, 2, timedelta(days=31))
+
+    with pytest.raises(ConfigurationError, match=name):
+        await jobs.prune_usage()
+    assert await admin.fetchval("select count(*) from usage_logs") == 5
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("GENERATION_PENDING_CUTOFF_MINUTES", "0"),
+        ("GENERATION_REAP_BATCH_SIZE", "0"),
+        ("GENERATION_REAP_MAX_BATCHES", "many"),
+    ],
+)
+async def test_the_reaper_refuses_a_setting_out_of_range(
+    monkeypatch: pytest.MonkeyPatch, name: str, raw: str
+) -> None:
+    monkeypatch.setenv(name, raw)
+    with pytest.raises(ConfigurationError, match=name):
+        await jobs.reap_generations()
 
 
 async def test_reap_job_returns_and_expires_generations(admin: asyncpg.Connection) -> None:
