@@ -171,9 +171,10 @@ async def create_payment(request: Request) -> Response:
     Send the payer to `confirmation_url`; the tokens (and the plan) arrive
     when YooKassa reports the payment succeeded. A repeat with the same
     `Idempotency-Key` answers the same payment and the same body. 503 when
-    YooKassa cannot be reached: repeat with the same key. 409 when a
-    payment left without YooKassa's answer for a day was abandoned: start a
-    new one with a new key. `amount` is in minor units.
+    YooKassa cannot be reached: repeat with the same key. 409 when the key
+    was used for another package, or when a payment left without YooKassa's
+    answer for a day was abandoned: start a new one with a new key. `amount`
+    is in minor units.
     """
     # the input first: a new device's first sight writes its user and bonus,
     # which a request refused for its body must not do

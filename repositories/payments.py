@@ -31,6 +31,8 @@ from uuid import UUID
 from database import Conflict, DeviceLinked, Executor, InvalidRequest, NotFound, invalidate_balance, sql
 from database.model import Model
 
+PAYMENTS_IDEMPOTENCY_KEY = "payments_idempotency_key"
+
 PROVIDER_STATUSES = ("pending", "waiting_for_capture", "succeeded", "canceled")
 
 # where the provider may move a payment; anything else is old news
@@ -438,8 +440,10 @@ async def create_pending_payment(
     user_id: UUID, package_id: str, idempotency_key: str, db: Executor = sql
 ) -> tuple[Payment, bool]:
     """(payment, created): a new pending payment for the package, or the one
-    this user already made with this key (created=False, whatever package the
-    repeat names: a repeated request returns the first result).
+    this user already made with this key (created=False: a repeated request
+    returns the first result). A key already used for another package is a
+    Conflict, as a generation's key with another prompt is: answering the
+    first payment would send the payer to pay for what they did not ask.
 
     An unknown or retired package raises InvalidRequest("unknown package"):
     the client asked for something that cannot be bought, a 4xx
@@ -450,7 +454,7 @@ async def create_pending_payment(
     try:
         row = await db.fetchrow(CREATE_PENDING_PAYMENT, user_id, package_id, idempotency_key)
     except Conflict as exc:
-        if exc.constraint != "payments_idempotency_key":
+        if exc.constraint != PAYMENTS_IDEMPOTENCY_KEY:
             raise
         # a concurrent first request committed the key: now we see its payment
         row = await db.fetchrow(CREATE_PENDING_PAYMENT, user_id, package_id, idempotency_key)
@@ -459,7 +463,13 @@ async def create_pending_payment(
         if await db.fetchval(LINKED_TO, user_id) is not None:
             raise DeviceLinked("This device was linked into an account; sign in to that account")
         raise InvalidRequest("unknown package", details={"package_id": package_id})
-    return _payment(row), bool(row["created"])
+    payment = _payment(row)
+    if not row["created"] and payment.package_id != package_id:
+        raise Conflict(
+            f"Idempotency key already used for package {payment.package_id!r}",
+            constraint=PAYMENTS_IDEMPOTENCY_KEY,
+        )
+    return payment, bool(row["created"])
 
 
 async def attach_provider_payment(

@@ -179,10 +179,12 @@ async def test_the_same_idempotency_key_is_one_payment_and_the_same_answer(
 ) -> None:
     first = await buy("device-repeat-01", key="buy-once", version=version)
     second = await buy("device-repeat-01", key="buy-once", version=version)
-    # a repeat naming another package still answers the first payment
+    assert first.status == second.status == 201
+    assert first.body == second.body
+    # the key naming another package: the payer is not sent to pay for the first
     third = await buy("device-repeat-01", "premium_month", key="buy-once", version=version)
-    assert first.status == second.status == third.status == 201
-    assert first.body == second.body == third.body
+    assert third.status == 409 and third.body["error"] == "conflict"
+    assert "tokens_50" in third.body["message"]
     assert await payment_count(admin) == 1
     assert len(fake.payments) == 1
     assert len(fake.requests_to("POST", "/v3/payments")) == 1

@@ -94,9 +94,12 @@ async def test_pending_payment_copies_the_package_price(admin: asyncpg.Connectio
 async def test_same_key_returns_the_first_payment(admin: asyncpg.Connection) -> None:
     user_id = await new_user(admin)
     first, created = await create_pending_payment(user_id, "tokens_50", "key-same")
-    again, created_again = await create_pending_payment(user_id, "tokens_200", "key-same")
+    again, created_again = await create_pending_payment(user_id, "tokens_50", "key-same")
     assert created and not created_again
     assert again == first
+    # the same key for another package is refused, and writes nothing
+    with pytest.raises(Conflict):
+        await create_pending_payment(user_id, "tokens_200", "key-same")
     other, created_other = await create_pending_payment(user_id, "tokens_50", "key-other")
     assert created_other and other.id != first.id
     # the key is per user: another user's same key is their own payment
