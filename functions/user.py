@@ -80,7 +80,8 @@ async def link_device(request: Request) -> Response:
     """Move an anonymous device's account (tokens, generations, payments, plan) into the caller's.
 
     The device's active plan becomes the caller's; when the caller has one
-    too, the higher of the two is kept, extended by the device plan's time left.
+    too, the higher of the two is kept, extended by the device plan's time
+    left at its worth in the kept plan (converted at the two plans' prices).
 
     Clerk users only. Linking the same device again answers what moved the
     first time; a device linked into another account is 409, an unknown one 404.

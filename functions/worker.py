@@ -100,8 +100,8 @@ async def claim(request: Request) -> Response:
     answers the generations that claim took which are still processing, and
     takes no more while any is. A key whose generations have all finished (or
     gone back to the queue) claims anew: use a new key for each claim, unique
-    across workers. A repeat sent while the first is still running takes a
-    batch of its own; a third try with the key then answers both.
+    across workers. A repeat sent while the first is still running waits for
+    it and answers the same batch (the claim holds a lock on its key).
     403 for a wrong or missing X-Callback-Secret, and for every caller while
     GENERATION_CALLBACK_SECRET is unset.
     """
