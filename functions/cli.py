@@ -165,6 +165,12 @@ def _run(args: argparse.Namespace) -> int:
     except DreamLensError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C: uvicorn stops serving, then raises the signal again, which
+        # cancels what is left (the fake YooKassa's server); asyncio.run has
+        # cancelled every task and the embedded PostgreSQL stops at exit
+        print("stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

