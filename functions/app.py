@@ -37,7 +37,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import BaseRoute
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from database import DreamLensError, stats, time_budget
@@ -211,7 +211,21 @@ async def _project_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     request.state.error = http_code(exc.status_code)
+    if exc.status_code == 405:
+        exc = HTTPException(405, exc.detail, headers={**(exc.headers or {}), "Allow": _allowed(request)})
     return http_error_response(exc)
+
+
+def _allowed(request: Request) -> str:
+    """Every method the path answers. Starlette's 405 names those of the
+    first route on the path only, and a path served by two routes (GET and
+    POST /api/generations) would tell the client only one of them."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods.update(getattr(route, "methods", None) or ())
+    return ", ".join(sorted(methods))
 
 
 EXCEPTION_HANDLERS = {DreamLensError: _project_error, HTTPException: _http_error}

@@ -219,6 +219,16 @@ async def test_wrong_method_is_a_json_405_with_allow(version: str) -> None:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
+async def test_a_405_names_every_method_of_a_path_served_by_two_routes(version: str) -> None:
+    from functions import generations
+
+    response = await invoke(generations.handler, EVENT_BUILDERS[version]("DELETE", "/api/generations"))
+    assert response.status == 405
+    assert response.body == {"error": "invalid_request", "message": "Method Not Allowed"}
+    assert response.headers["allow"] == "GET, HEAD, POST"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 async def test_a_bug_is_a_500_that_leaks_nothing_and_is_logged_once(
     version: str, caplog: pytest.LogCaptureFixture
 ) -> None:
