@@ -11,72 +11,28 @@ import asyncio
 import contextlib
 import struct
 from collections.abc import AsyncIterator
-from urllib.parse import parse_qs, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
+
+from tests.reliability.proxy import FaultyProxy
 
 
-class LossyProxy:
+class LossyProxy(FaultyProxy):
     def __init__(self, url: str) -> None:
-        self.target = url
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        super().__init__(url, close_delay=0.0)
         self._armed: bytes | None = None
         self.dropped = 0
 
     @property
     def url(self) -> str:
-        parts = urlsplit(self.target)
-        user = parts.username or "postgres"
-        return urlunsplit(("postgresql", f"{user}@127.0.0.1:{self.port}", parts.path, "sslmode=disable", ""))
+        # no SSL negotiation: its one-byte answer is not a protocol message,
+        # which _replies reads whole
+        return urlunsplit(urlsplit(super().url)._replace(query="sslmode=disable"))
 
     def arm(self, tag: bytes) -> None:
         self._armed = tag
 
-    async def start(self) -> LossyProxy:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await task
-
-    async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        parts = urlsplit(self.target)
-        host = parse_qs(parts.query).get("host", [parts.hostname or "localhost"])[0]
-        port = parts.port or 5432
-        try:
-            if host.startswith("/"):
-                server_reader, server_writer = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
-            else:
-                server_reader, server_writer = await asyncio.open_connection(host, port)
-            upstream = asyncio.create_task(self._pump(client_reader, server_writer))
-            try:
-                await self._replies(server_reader, client_writer)
-            finally:
-                upstream.cancel()
-                with contextlib.suppress(asyncio.CancelledError, OSError):
-                    await upstream
-                server_writer.close()
-        except OSError:
-            pass
-        finally:
-            client_writer.close()
-            self._tasks.discard(task)
-
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
+    async def _downstream(self, server: asyncio.StreamReader, client: asyncio.StreamWriter) -> None:
+        await self._replies(server, client)
 
     async def _replies(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Server messages (type, int32 length, body), passed on whole; a
@@ -109,7 +65,8 @@ class LossyProxy:
 
 @contextlib.asynccontextmanager
 async def lossy_proxy(url: str) -> AsyncIterator[LossyProxy]:
-    proxy = await LossyProxy(url).start()
+    proxy = LossyProxy(url)
+    await proxy.start()
     try:
         yield proxy
     finally:

@@ -84,7 +84,7 @@ class FaultyProxy:
                 server_reader, server_writer = await asyncio.open_connection(host, port)
             upstream = asyncio.create_task(self._pump(client_reader, server_writer))
             try:
-                await self._pump(server_reader, client_writer)
+                await self._downstream(server_reader, client_writer)
                 self.server_closed.set()
                 # the server closed: the client hears of it only later
                 await asyncio.sleep(self.close_delay)
@@ -98,6 +98,10 @@ class FaultyProxy:
         finally:
             client_writer.close()
             self._tasks.discard(task)
+
+    async def _downstream(self, server: asyncio.StreamReader, client: asyncio.StreamWriter) -> None:
+        """What the server says, on its way to the client (a subclass may lose some)."""
+        await self._pump(server, client)
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
