@@ -29,7 +29,7 @@ from typing import Any
 
 from mangum import Mangum
 from mangum.protocols import HTTPCycle
-from mangum.types import LambdaContext, LambdaEvent
+from mangum.types import LambdaContext, LambdaEvent, LambdaHandler, Scope
 
 from functions.errors import MalformedRequest, error_body
 
@@ -47,25 +47,22 @@ class LambdaEntry(Mangum):
         super().__init__(app, lifespan="off")
 
     def __call__(self, event: LambdaEvent, context: LambdaContext) -> dict[str, Any]:
+        # only the reading is tried again: the app runs once, whatever it
+        # wrote, so nothing it did can be done twice
         try:
-            return self._answer(event, context)
+            handler, scope, body = self._read(event, context)
         except UNREADABLE:
-            pass
-        repaired = repaired_event(event)
-        try:
-            return self._answer(repaired, context)
-        except UNREADABLE as exc:
-            log.warning("unreadable event: %s: %s", type(exc).__name__, exc)
-            return unreadable_event_response(exc)
+            try:
+                handler, scope, body = self._read(repaired_event(event), context)
+            except UNREADABLE as exc:
+                log.warning("unreadable event: %s: %s", type(exc).__name__, exc)
+                return unreadable_event_response(exc)
+        return handler(HTTPCycle(scope, body)(self.app))
 
-    def _answer(self, event: LambdaEvent, context: LambdaContext) -> dict[str, Any]:
-        """Mangum's own __call__ (lifespan off), with the reading of the event
-        apart from running the app: only the reading may raise here, as the
-        app turns its every error into a response (functions/app.py)."""
+    def _read(self, event: LambdaEvent, context: LambdaContext) -> tuple[LambdaHandler, Scope, bytes]:
+        """What Mangum's own __call__ reads from the event before it runs the app."""
         handler = self.infer(event, context)
-        scope, body = handler.scope, handler.body
-        response = HTTPCycle(scope, body)(self.app)
-        return handler(response)
+        return handler, handler.scope, handler.body
 
 
 def repaired_event(event: Any) -> Any:

@@ -197,3 +197,33 @@ async def test_a_404_for_a_first_seen_caller_writes_nothing(
     )
     assert response.status == 404 and response.body["error"] == "not_found", response.body
     assert await fingerprint(admin) == before
+
+
+# ------------------------------------------------------------------
+# Only the reading of an event is tried again on a repaired copy: were a
+# failure after the app ran taken for an unreadable event, the app would run
+# twice, and a spend sent without an Idempotency-Key would be made twice.
+
+
+async def test_a_failure_after_the_app_ran_does_not_run_it_again(
+    admin: asyncpg.Connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mangum.handlers.api_gateway import HTTPGateway
+
+    def answer_lost(self: Any, response: Any) -> Any:
+        raise ValueError("the answer could not be built")
+
+    # Mangum failing to build the Lambda response, after the app has answered
+    monkeypatch.setattr(HTTPGateway, "__call__", answer_lost)
+    event = v2_event(
+        "POST", "/api/generations", headers={"X-Device-Id": "device_fuzz_once"}, body={"prompt": "a fox"}
+    )
+    with pytest.raises(ValueError):
+        await invoke(generations.handler, event)
+
+    user_id = await admin.fetchval("select id from users where device_id = 'device_fuzz_once'")
+    assert await admin.fetchval("select count(*) from generations where user_id = $1", user_id) == 1
+    spends = await admin.fetchval(
+        "select count(*) from token_transactions where user_id = $1 and type = 'spend'", user_id
+    )
+    assert spends == 1
