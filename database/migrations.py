@@ -84,8 +84,9 @@ async def init_database() -> list[str]:
     Within the request's time budget, when there is one (database/budget.py):
     many Lambdas cold starting on an empty database wait here for the one
     applying the schema, and each must still answer 503 before it is stopped.
-    A wait cut short rolls back nothing of anyone's (this one applied
-    nothing before it had the lock)."""
+    Cut short, it rolls back whole (one transaction), so nothing is left half
+    applied; a migration longer than a request's time is for `dreamlens
+    init-db`, which has no budget."""
     async with asyncio.timeout(budget.bounded(None)):
         return await _apply_migrations()
 
