@@ -255,8 +255,8 @@ async def create_generation(
         invalidate_balance(user_id)
         return CreatedGeneration(generation=_generation(row), balance=row["balance"], replayed=False)
     if outcome == "replayed":
-        # perhaps our own spend after all: a retry of a statement whose commit
-        # was acknowledged on a connection that dropped finds it here. The
+        # perhaps our own spend after all: sql() retrying a statement that
+        # committed, its answer lost with its connection, finds it here. The
         # cached balance is dropped as for a spend (a dict pop, no round trip)
         invalidate_balance(user_id)
         return CreatedGeneration(generation=_generation(row), balance=row["balance"], replayed=True)
